@@ -1,0 +1,95 @@
+"""The `openk2` command: parses arguments, loads a recipe, calls a stage. Nothing else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from openk2.config import PRESETS, ConfigError, ModelConfig, param_counts, preset
+
+app = typer.Typer(
+    name="openk2",
+    help="The Kimi K2 system: train, post-train, serve and evaluate K2-architecture models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _model_config(preset_name: str | None, config_path: Path | None) -> ModelConfig:
+    try:
+        if config_path is not None:
+            return ModelConfig.from_hf(config_path)
+        return preset(preset_name or "tiny")
+    except ConfigError as e:
+        _fail(str(e))
+        raise
+
+
+_PARAMS_HELP = (
+    "Print total and activated parameter counts of a preset or config.json.\n\n"
+    "Counting convention: 'total' is every parameter of the network plus the router-bias "
+    "buffers, embedding and LM head included, no multi-token-prediction layer. 'activated' is "
+    "what one token touches: embedding and LM head included (as the K2 and DeepSeek-V3 reports "
+    "count), all attention and dense layers, and per MoE layer the router, the shared experts "
+    "and num_experts_per_tok routed experts. For FP8 block-quantised configs (the released "
+    "kimi-k2 and deepseek-v3), 'fp8_block_scales' counts the float32 scale entries the released "
+    "files store beside the matrices; they are not parameters."
+)
+
+
+@app.command(help=_PARAMS_HELP)
+def params(
+    preset_name: Annotated[str, typer.Option("--preset", help=f"one of: {', '.join(PRESETS)}")] = "tiny",
+    config: Annotated[Optional[Path], typer.Option(help="a config.json or checkpoint folder instead")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    counts = param_counts(_model_config(preset_name, config))
+    if as_json:
+        print(json.dumps(counts))
+        return
+    table = Table(title=f"parameters: {config or preset_name}")
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    for key, value in counts.items():
+        table.add_row(key, f"{value:,} ({value / 1e9:.2f}B)")
+    console.print(table)
+
+
+@app.command()
+def init(
+    out: Annotated[Path, typer.Option(help="output folder (HF format)")],
+    preset_name: Annotated[str, typer.Option("--preset", help=f"one of: {', '.join(PRESETS)}")] = "tiny",
+    seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16")] = "float32",
+) -> None:
+    """Write a randomly initialised model as an HF checkpoint folder."""
+    import torch
+
+    from openk2.model import build_model, save_model
+
+    if dtype not in ("float32", "bfloat16"):
+        _fail(f"--dtype {dtype!r}: use float32 or bfloat16")
+    config = _model_config(preset_name, None)
+    model = build_model(config, dtype=getattr(torch, dtype), seed=seed)
+    save_model(model, out)
+    console.print(f"wrote {preset_name} ({param_counts(config)['total']:,} parameters, seed {seed}) to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3 MLA, as K2 uses it; K2_SPEC §1).
+
+Shapes: B batch, T tokens, H heads, N = qk_nope_head_dim, R = qk_rope_head_dim,
+V = v_head_dim, C = kv_lora_rank.
+
+    q   = q_b(norm(q_a(x)))            [B, T, H, N + R]   (or q_proj(x) without q_lora)
+    c   = norm(kv_a(x)[:C])            [B, T, C]          the cached latent
+    k_R = rope(kv_a(x)[C:])            [B, T, R]          one rotary key shared by all heads
+    k_N, v = split(kv_b(c))            [B, T, H, N], [B, T, H, V]
+
+Besides the output, the module records per head the largest pre-softmax logit it has
+seen since `max_logits` was last reset (rotary part and softmax scale included): the
+statistic QK-Clip needs. `qk_clip_row_scales` is the interface through which QK-Clip
+rescales a head's weights, so no caller has to know the row layout of q_b/kv_b.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.config import ModelConfig
+from openk2.model.norm import RMSNorm
+from openk2.model.rope import apply_rotary, rope_parameters
+
+
+_MAX_LOGIT_BLOCK = 1 << 24  # elements of one logit block in the max-logit statistic
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.config = c
+        self.layer_idx = layer_idx
+        self.num_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        _, _, softmax_mscale = rope_parameters(c)
+        self.softmax_scale = qk_dim**-0.5 * softmax_mscale
+        self.track_max_logits = True
+        self.register_buffer("max_logits", torch.zeros(self.num_heads), persistent=False)
+
+    # ---- projections, shared with the inference engine's compressed-cache path -----------
+    @property
+    def query_proj(self) -> nn.Linear:
+        """The projection whose rows hold each head's q_nope and q_rope (q_b_proj or q_proj)."""
+        return self.q_proj if self.config.q_lora_rank is None else self.q_b_proj
+
+    def project_query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q_nope [B, H, T, N], q_rope [B, H, T, R] (rope not yet applied)."""
+        B, T, _ = x.shape
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.num_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
+        return q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+    def compress_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> latent c [B, T, C] (normed), k_rope [B, T, R] (rope not yet applied)."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(latent), k_rope
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Causal self-attention over x [B, T, D]; cos/sin [B or 1, T, R/2]."""
+        B, T, _ = x.shape
+        interleave = self.config.rope_interleave
+        q_nope, q_rope = self.project_query(x)
+        latent, k_rope = self.compress_kv(x)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        q_rope = apply_rotary(q_rope, cos, sin, interleave)
+        k_rope = apply_rotary(k_rope[:, None], cos, sin, interleave)  # [B, 1, T, R]
+        kv = self.kv_b_proj(latent).view(B, T, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # [B, H, T, N+R]
+        k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        if self.track_max_logits:
+            self._record_max_logits(q, k)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+
+    @torch.no_grad()
+    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """max over batch and causal (i >= j) pairs of q_i . k_j * scale, per head."""
+        B, H, T, _ = q.shape
+        rows = max(1, min(T, _MAX_LOGIT_BLOCK // (H * T)))  # query rows per block
+        positions = torch.arange(T, device=q.device)
+        head_max = torch.full((H,), float("-inf"), device=q.device)
+        for b in range(B):  # blocks of one sequence bound the [H, rows, T] buffer
+            for start in range(0, T, rows):
+                logits = torch.matmul(q[b, :, start : start + rows], k[b].transpose(-1, -2)).float()
+                future = positions[None, :] > positions[start : start + rows, None]
+                logits.masked_fill_(future, float("-inf"))
+                head_max = torch.maximum(head_max, logits.amax(dim=(-1, -2)) * self.softmax_scale)
+        torch.maximum(self.max_logits, head_max, out=self.max_logits)
+
+    def reset_max_logits(self) -> None:
+        self.max_logits.zero_()
+
+    # ---- QK-Clip interface ---------------------------------------------------------------
+    def qk_clip_row_scales(self, gamma: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Per-row factors that multiply every logit of head h by gamma[h] (K2_SPEC §2).
+
+        Returns (weight, row_scale [out_features]) pairs: for the query projection, each
+        head's nope rows get sqrt(gamma) and its rope rows gamma; for kv_b_proj, each head's
+        k-nope rows get sqrt(gamma) and its v rows 1. The shared rotary key (kv_a_proj) is
+        untouched, so its rows need no entry.
+        """
+        gamma = gamma.float()
+        root = gamma.sqrt()[:, None]
+        H = self.num_heads
+        q_rows = torch.cat((root.expand(H, self.nope_dim), gamma[:, None].expand(H, self.rope_dim)), dim=1)
+        kv_rows = torch.cat((root.expand(H, self.nope_dim), torch.ones(H, self.v_dim, device=gamma.device)), dim=1)
+        return [(self.query_proj.weight, q_rows.reshape(-1)), (self.kv_b_proj.weight, kv_rows.reshape(-1))]

@@ -1,0 +1,154 @@
+"""The K2 decoder: embedding, pre-norm MLA + (dense | MoE) blocks, final norm, untied LM head.
+
+Module names follow the HF DeepseekV3 checkpoint (`model.layers.{i}.self_attn.q_b_proj`, ...),
+so state-dict keys need no renaming except for the stacked experts (see model/hf.py).
+`K2ForCausalLM.forward(input_ids [B, T]) -> logits [B, T, V]` is the whole interface; the
+optimizer's statistics (per-head max logits, tokens per expert) are read from the modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from openk2.config import ModelConfig
+from openk2.model.attention import MLAttention
+from openk2.model.moe import MLP, Experts, MoE, Router
+from openk2.model.norm import RMSNorm
+from openk2.model.rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: MLP | MoE = (
+            MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class K2Model(nn.Module):
+    """Everything below the LM head (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        cos, sin = self.rotary_emb(position_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class K2ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = K2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]."""
+        return self.lm_head(self.model(input_ids, position_ids))
+
+    # ---- structure -------------------------------------------------------------------------
+    def attention_layers(self) -> Iterator[MLAttention]:
+        for layer in self.model.layers:
+            yield layer.self_attn
+
+    def moe_layers(self) -> Iterator[MoE]:
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                yield layer.mlp
+
+    # ---- statistics the optimizer reads --------------------------------------------------
+    def set_track_max_logits(self, enabled: bool) -> None:
+        for attn in self.attention_layers():
+            attn.track_max_logits = enabled
+
+    def max_logits(self) -> torch.Tensor:
+        """[layers, heads]: the largest pre-softmax logit per head since the last reset."""
+        return torch.stack([attn.max_logits for attn in self.attention_layers()])
+
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[moe_layers, experts]: tokens routed to each expert since the last reset."""
+        layers = list(self.moe_layers())
+        if not layers:
+            return torch.zeros(0, 0)
+        return torch.stack([moe.tokens_per_expert for moe in layers])
+
+    def reset_stats(self) -> None:
+        for attn in self.attention_layers():
+            attn.reset_max_logits()
+        for moe in self.moe_layers():
+            moe.reset_tokens_per_expert()
+            moe.aux_loss = None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    # ---- initialisation -------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for biases and
+        router bias; recomputes non-persistent buffers (needed after `to_empty` from meta)."""
+        std = self.config.initializer_range
+        generator = None
+        if seed is not None:
+            device = next(self.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, Experts):
+                for w in (module.gate_proj, module.up_proj, module.down_proj):
+                    w.normal_(0.0, std, generator=generator)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std, generator=generator)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+                module.reset_parameters()
+        for attn in self.attention_layers():
+            attn.max_logits.zero_()
+        for moe in self.moe_layers():
+            moe.tokens_per_expert.zero_()
+
+
+def build_model(
+    config: ModelConfig,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = 0,
+) -> K2ForCausalLM:
+    """A randomly initialised model. device="meta" builds shapes only (no memory), which is how
+    large presets are instantiated before sharding or loading weights."""
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = K2ForCausalLM(config)
+    if dtype is not None:
+        model.to(dtype=dtype)
+        for router in (m for m in model.modules() if isinstance(m, Router)):
+            router.float()
+    if device.type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model

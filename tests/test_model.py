@@ -1,0 +1,198 @@
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from openk2 import CheckpointError, build_model, load_model, preset, save_model
+from openk2.model.moe import Experts
+
+
+def tiny(**changes):
+    return preset("tiny", vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                  **changes)
+
+
+def test_forward_shapes_and_stats():
+    model = build_model(tiny())
+    ids = torch.randint(0, 128, (2, 12))
+    logits = model(ids)
+    assert logits.shape == (2, 12, 128)
+    assert model.max_logits().shape == (4, 4)
+    counts = model.tokens_per_expert()
+    assert counts.shape == (3, 8)
+    assert torch.all(counts.sum(1) == 2 * 12 * 2)  # every token picks top-2
+    model.reset_stats()
+    assert model.tokens_per_expert().sum() == 0 and model.max_logits().abs().sum() == 0
+
+
+def test_max_logit_matches_explicit_attention():
+    model = build_model(tiny(), seed=1)
+    ids = torch.randint(0, 128, (3, 10))
+    model(ids)
+    attn = model.model.layers[0].self_attn
+    x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+    cos, sin = model.model.rotary_emb(torch.arange(10)[None])
+    from openk2.model.rope import apply_rotary
+
+    q_nope, q_rope = attn.project_query(x)
+    latent, k_rope = attn.compress_kv(x)
+    q_rope = apply_rotary(q_rope, cos[:, None], sin[:, None], True)
+    k_rope = apply_rotary(k_rope[:, None], cos[:, None], sin[:, None], True)
+    k_nope = attn.kv_b_proj(latent).view(3, 10, 4, 16).transpose(1, 2)[..., :8]
+    logits = (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * attn.softmax_scale
+    logits = logits.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    expected = logits.amax(dim=(0, 2, 3))
+    assert torch.allclose(attn.max_logits, expected, atol=1e-5)
+
+
+def test_max_logit_tracking_can_be_switched_off():
+    model = build_model(tiny())
+    model.set_track_max_logits(False)
+    model(torch.randint(0, 128, (1, 8)))
+    assert model.max_logits().abs().sum() == 0
+
+
+def test_dispatch_matches_dense_reference():
+    torch.manual_seed(0)
+    model = build_model(tiny(), seed=2)
+    moe = next(model.moe_layers())
+    x = torch.randn(2, 9, 64)
+    out = moe(x)
+    flat = x.reshape(-1, 64)
+    weights, experts, _ = moe.gate(flat)
+    e = moe.experts
+    ref = torch.zeros_like(flat)
+    for n in range(flat.shape[0]):
+        for k in range(experts.shape[1]):
+            i = experts[n, k]
+            h = torch.nn.functional.silu(flat[n] @ e.gate_proj[i].T) * (flat[n] @ e.up_proj[i].T)
+            ref[n] += weights[n, k] * (h @ e.down_proj[i].T)
+    ref += moe.shared_experts(flat)
+    assert torch.allclose(out.reshape(-1, 64), ref, atol=1e-5)
+
+
+def test_dispatch_runs_only_hit_experts(monkeypatch):
+    model = build_model(tiny(), seed=2)
+    moe = next(model.moe_layers())
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[:] = torch.tensor([9.0, 9.0, 0, 0, 0, 0, 0, 0])
+    calls = []
+    original = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        calls.append(b.shape)
+        return original(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    moe.experts(torch.randn(5, 64), *moe.gate(torch.randn(5, 64))[:2],
+                torch.tensor([5, 5, 0, 0, 0, 0, 0, 0]))
+    assert len(calls) == 2 * 3  # two experts hit, three matmuls each
+
+
+def test_bias_only_affects_selection():
+    model = build_model(tiny(), seed=3)
+    router = next(model.moe_layers()).gate
+    x = torch.randn(6, 64)
+    w0, e0, _ = router(x)
+    with torch.no_grad():
+        router.e_score_correction_bias.fill_(0.5)  # a uniform shift selects the same experts
+    w1, e1, _ = router(x)
+    assert torch.equal(e0.sort(-1).values, e1.sort(-1).values)
+    assert torch.allclose(w0.sort(-1).values, w1.sort(-1).values)
+    assert torch.allclose(w0.sum(-1), torch.full((6,), router.routed_scaling_factor))
+
+
+def test_meta_then_materialise_is_deterministic():
+    a = build_model(tiny(), seed=11)
+    b = build_model(tiny(), seed=11)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_fused_expert_layout_loads(tmp_path):
+    model = build_model(tiny(), seed=4)
+    save_model(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    fused = {}
+    for layer in range(1, 4):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        gate = torch.stack([tensors.pop(f"{prefix}.{e}.gate_proj.weight") for e in range(8)])
+        up = torch.stack([tensors.pop(f"{prefix}.{e}.up_proj.weight") for e in range(8)])
+        down = torch.stack([tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in range(8)])
+        fused[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        fused[f"{prefix}.down_proj"] = down
+    save_file({**tensors, **fused}, tmp_path / "model.safetensors")
+    again = load_model(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), again(ids), atol=1e-6)
+
+
+def test_fp8_block_scaled_weights_are_dequantised(tmp_path):
+    model = build_model(tiny(), seed=4)
+    save_model(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    w = tensors[name]  # [64, 32]
+    scale = torch.tensor([[0.01]])
+    tensors[name] = (w / 0.01).to(torch.float8_e4m3fn)
+    tensors[name.replace("weight", "weight_scale_inv")] = scale
+    save_file(tensors, tmp_path / "model.safetensors")
+    again = load_model(tmp_path, dtype=torch.float32)
+    got = again.model.layers[0].self_attn.o_proj.weight
+    assert torch.allclose(got, w, rtol=0.07, atol=1e-4)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    save_model(build_model(tiny()), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.2.self_attn.kv_b_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.layers.2.self_attn.kv_b_proj.weight"):
+        load_model(tmp_path)
+
+
+def test_missing_expert_is_named(tmp_path):
+    save_model(build_model(tiny()), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"experts\.5\.up_proj"):
+        load_model(tmp_path)
+
+
+def test_misshaped_tensor_is_named(tmp_path):
+    save_model(build_model(tiny()), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(65)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \[65\]"):
+        load_model(tmp_path)
+
+
+def test_no_weights_is_reported(tmp_path):
+    save_model(build_model(tiny()), tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no safetensors"):
+        load_model(tmp_path)
+
+
+def test_bfloat16_keeps_router_in_float32(tmp_path):
+    model = build_model(tiny(), dtype=torch.bfloat16)
+    router = next(model.moe_layers()).gate
+    assert router.weight.dtype == torch.float32 and router.e_score_correction_bias.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    assert again.lm_head.weight.dtype == torch.bfloat16
+    assert next(again.moe_layers()).gate.weight.dtype == torch.float32
+    assert again(torch.randint(0, 128, (1, 5))).dtype == torch.bfloat16
+
+
+def test_backward_reaches_every_parameter():
+    model = build_model(tiny())
+    model(torch.randint(0, 128, (4, 16))).logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
