@@ -89,22 +89,31 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         if self.track_max_logits:
             self._record_max_logits(q, k)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0 and x.device.type == "cpu":
+            # PyTorch's fused CPU kernel needs equal q/k and v head sizes; padding v is cheaper
+            # than the unfused fallback it would otherwise take.
+            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True,
+                                                 scale=self.softmax_scale)[..., : self.v_dim]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
 
     @torch.no_grad()
     def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """max over batch and causal (i >= j) pairs of q_i . k_j * scale, per head."""
         B, H, T, _ = q.shape
-        rows = max(1, min(T, _MAX_LOGIT_BLOCK // (H * T)))  # query rows per block
+        # Blocks of whole sequences, or of query rows of one sequence, bound the logit buffer.
+        seqs = max(1, min(B, _MAX_LOGIT_BLOCK // (H * T * T)))
+        rows = T if seqs > 1 else max(1, min(T, _MAX_LOGIT_BLOCK // (H * T)))
         positions = torch.arange(T, device=q.device)
         head_max = torch.full((H,), float("-inf"), device=q.device)
-        for b in range(B):  # blocks of one sequence bound the [H, rows, T] buffer
+        for b in range(0, B, seqs):
             for start in range(0, T, rows):
-                logits = torch.matmul(q[b, :, start : start + rows], k[b].transpose(-1, -2)).float()
+                logits = torch.matmul(q[b : b + seqs, :, start : start + rows], k[b : b + seqs].transpose(-1, -2))
                 future = positions[None, :] > positions[start : start + rows, None]
-                logits.masked_fill_(future, float("-inf"))
-                head_max = torch.maximum(head_max, logits.amax(dim=(-1, -2)) * self.softmax_scale)
+                logits = logits.float().masked_fill_(future, float("-inf"))
+                head_max = torch.maximum(head_max, logits.amax(dim=(0, 2, 3)) * self.softmax_scale)
         torch.maximum(self.max_logits, head_max, out=self.max_logits)
 
     def reset_max_logits(self) -> None:
