@@ -19,7 +19,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _fail(message: str) -> None:
@@ -85,6 +85,87 @@ def init(
     model = build_model(config, dtype=getattr(torch, dtype), seed=seed)
     save_model(model, out)
     console.print(f"wrote {preset_name} ({param_counts(config)['total']:,} parameters, seed {seed}) to {out}")
+
+
+RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="a TOML recipe (see recipes/)")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: section.key=value")]
+OutOption = Annotated[Path, typer.Option("--out", help="run folder")]
+
+
+def _recipe(path: Path | None, overrides: list[str] | None) -> dict:
+    from openk2.recipe import load_recipe
+
+    try:
+        return load_recipe(path, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+        raise
+
+
+tokenizer_app = typer.Typer(help="Tokenizer commands.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    out: OutOption,
+    source: Annotated[list[str], typer.Option(help="'default' or text/JSONL/parquet paths")] = ["default"],
+    vocab_size: Annotated[int, typer.Option(help="total size, special tokens included")] = 8192,
+    seed: int = 0,
+    skip_bad_lines: bool = False,
+) -> None:
+    """Train a byte-level BPE tokenizer with K2's pre-tokenisation and special tokens."""
+    from openk2.data.corpus import DataError, iter_texts
+    from openk2.data.tokenizer import train_tokenizer
+
+    try:
+        texts = iter_texts(source[0] if source == ["default"] else source, seed=seed, skip_bad_lines=skip_bad_lines)
+        tokenizer = train_tokenizer(texts, vocab_size)
+    except (DataError, ValueError) as e:
+        _fail(str(e))
+    tokenizer.save(out)
+    console.print(f"wrote a {tokenizer.vocab_size:,}-token tokenizer to {out}")
+
+
+@app.command()
+def pretrain(
+    out: OutOption,
+    recipe: RecipeOption = None,
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="continue from the newest good checkpoint in --out")] = False,
+) -> None:
+    """Pre-train a K2 model with MuonClip on a corpus (recipe sections model, data, train, optim)."""
+    from openk2.data.corpus import DataError
+    from openk2.optim import NonFiniteError
+    from openk2.train.pretrain import pretrain as run_pretrain
+
+    config = _recipe(recipe, overrides)
+    try:
+        summary = run_pretrain(config, out, resume=resume, log=console.print)
+    except (ConfigError, DataError, NonFiniteError) as e:
+        _fail(str(e))
+    console.print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']}, "
+                  f"model in {out / 'final'}")
+
+
+@app.command()
+def speedrun(
+    out: Annotated[Path, typer.Option("--out", help="run folder")] = Path("runs/speedrun"),
+    recipe: Annotated[Path, typer.Option("--recipe", help="pre-training recipe")] = Path("recipes/speedrun.toml"),
+    overrides: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="resume the stages of an interrupted run")] = False,
+) -> None:
+    """The whole pipeline on the embedded defaults: tokenizer -> pre-training -> report."""
+    from openk2.data.corpus import DataError
+    from openk2.optim import NonFiniteError
+    from openk2.pipeline import speedrun as run_speedrun
+
+    config = _recipe(recipe if recipe.is_file() else None, overrides)
+    try:
+        report = run_speedrun(config, out, resume=resume, log=console.print)
+    except (ConfigError, DataError, NonFiniteError) as e:
+        _fail(str(e))
+    console.print(f"report: {report}")
 
 
 def main() -> None:

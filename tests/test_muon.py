@@ -1,0 +1,140 @@
+"""Muon against independent references: torch.optim.Muon (2-D) and a per-matrix loop (stacked experts)."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.optim._muon as torch_muon
+
+from openk2.optim import Muon, muon_update, newton_schulz_flops, zeropower_via_newtonschulz
+from openk2.optim.muon import NS_COEFFICIENTS
+
+LR, WD = 0.02, 0.1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: a second thread adds only synchronisation, which stalls badly when
+    another process holds the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_muon_in_fp32():
+    """torch.optim.Muon hard-codes `grad.bfloat16()` before Newton–Schulz; make that cast a copy so
+    its own code (coefficients, transpose, normalisation, addmm form, eps) runs in float32."""
+    original = torch.Tensor.bfloat16
+    torch.Tensor.bfloat16 = lambda self, *args, **kwargs: self.clone()
+    try:
+        yield
+    finally:
+        torch.Tensor.bfloat16 = original
+
+
+def _pair(shapes):
+    init = [torch.randn(s) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in init]
+    ref = [torch.nn.Parameter(t.clone()) for t in init]
+    return ours, ref
+
+
+def test_torch_muon_defaults_are_k2s():
+    """What the comparison relies on: torch's constants are the ones K2_SPEC §2 names."""
+    assert (torch_muon.DEFAULT_A, torch_muon.DEFAULT_B, torch_muon.DEFAULT_C) == NS_COEFFICIENTS
+    assert torch_muon.DEFAULT_NS_STEPS == 5
+    assert torch_muon._adjust_lr(1.0, "match_rms_adamw", torch.Size([64, 256])) == pytest.approx(0.2 * 16)
+
+
+def test_matches_torch_muon_over_ten_steps_fp32():
+    shapes = [(64, 32), (32, 64), (48, 48), (17, 40), (32, 64)]  # tall, wide, square, odd, a repeated shape
+    ours, ref = _pair(shapes)
+    start = [p.detach().clone() for p in ours]
+    opt = Muon(ours, lr=LR, weight_decay=WD, momentum=0.95, ns_dtype="float32")
+    reference = torch.optim.Muon(ref, lr=LR, weight_decay=WD, momentum=0.95, nesterov=True,
+                                 adjust_lr_fn="match_rms_adamw")
+    for step in range(10):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        if step == 4:  # a parameter without gradient is skipped (and the batch shrinks)
+            ours[1].grad = ref[1].grad = None
+        opt.step()
+        with torch_muon_in_fp32():
+            reference.step()
+    for a, b, w in zip(ours, ref, start):
+        assert (a - b).abs().max() < 1e-5
+        assert (a - w).abs().max() > 1e-2  # and the parameters did move
+
+
+def test_bf16_newton_schulz_close_to_torch_default():
+    """torch.optim.Muon's own bf16 path: same update up to bf16 rounding."""
+    shapes = [(64, 32), (32, 96)]
+    ours, ref = _pair(shapes)
+    opt = Muon(ours, lr=LR, weight_decay=0.0, ns_dtype="bfloat16")
+    reference = torch.optim.Muon(ref, lr=LR, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    before = [p.detach().clone() for p in ours]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    opt.step()
+    reference.step()
+    for a, b, w in zip(ours, ref, before):
+        da, db = (a - w).flatten(), (b - w).flatten()
+        assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.995
+        assert (da - db).abs().max() < 0.15 * db.abs().max()
+
+
+def _reference_step(W, G, M, lr, wd, mu=0.95, steps=5):
+    """Per-matrix loop, written out from K2_SPEC §2 (float32, one matrix at a time)."""
+    M.mul_(mu).add_(G)
+    U = G + mu * M
+    tall = U.shape[0] > U.shape[1]
+    X = U.T if tall else U
+    X = X / X.norm().clamp_min(1e-7)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    O = X.T if tall else X
+    W.mul_(1 - lr * wd).add_(O, alpha=-lr * 0.2 * max(W.shape) ** 0.5)
+
+
+@pytest.mark.parametrize("batch_elements", [1 << 27, 4 * 24 * 40], ids=["one_batch", "batches_of_4"])
+def test_stacked_experts_equal_per_matrix_loop(batch_elements):
+    E, inter, hidden = 6, 24, 40
+    gate, up = torch.randn(E, inter, hidden), torch.randn(E, inter, hidden)
+    down = torch.randn(E, hidden, inter)
+    plain = torch.randn(inter, hidden)  # same shape class as gate/up: batched with them
+    params = [t.clone() for t in (gate, up, down, plain)]
+    momenta = [torch.zeros_like(t) for t in params]
+    ref_w = [t.clone() for t in params]
+    ref_m = [torch.zeros_like(t) for t in params]
+    for _ in range(3):
+        grads = [torch.randn_like(t) for t in params]
+        muon_update(params, grads, momenta, lr=LR, weight_decay=WD, max_batch_elements=batch_elements)
+        for W, G, M in zip(ref_w, grads, ref_m):
+            if W.ndim == 3:
+                for e in range(E):
+                    _reference_step(W[e], G[e], M[e], LR, WD)
+            else:
+                _reference_step(W, G, M, LR, WD)
+    for p, W in zip(params, ref_w):
+        assert (p - W).abs().max() < 1e-6
+    for m, M in zip(momenta, ref_m):
+        torch.testing.assert_close(m, M, rtol=1e-6, atol=1e-6)  # one fused pass vs mul_ + add_
+
+
+def test_newton_schulz_is_nearly_orthogonal():
+    X = torch.randn(4, 32, 80)
+    O = zeropower_via_newtonschulz(X.clone())
+    singular = torch.linalg.svdvals(O)
+    assert singular.min() > 0.5 and singular.max() < 1.3  # the quintic lands in about [0.7, 1.2]
+    assert newton_schulz_flops((4, 80, 32)) == 4 * 5 * (4 * 32 * 32 * 80 + 2 * 32**3)
+
+
+def test_rejects_vectors():
+    with pytest.raises(ValueError, match="AdamW"):
+        Muon([torch.nn.Parameter(torch.zeros(5))])

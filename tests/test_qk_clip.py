@@ -1,0 +1,221 @@
+"""QK-Clip's exact invariant, the aux-loss-free router bias, and both under torch.distributed (gloo)."""
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import pytest
+
+import openk2
+from openk2.optim import OptimConfig, build_optimizer, scale_rows_, update_router_bias
+
+TAU = 100.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are small: a second thread adds only synchronisation, which stalls badly when
+    another process holds the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def one_layer_model(q_lora: bool):
+    extra = {} if q_lora else {"q_lora_rank": None}
+    config = openk2.preset("tiny", num_hidden_layers=1, first_k_dense_replace=1, vocab_size=512, **extra)
+    return openk2.build_model(config, seed=0)
+
+
+def capture_logits(attn):
+    """Wrap the module's max-logit recorder to also keep the full causal logits [B, H, T, T]."""
+    seen = {}
+    record = attn._record_max_logits
+
+    def spy(q, k):
+        logits = (q @ k.transpose(-1, -2)).float() * attn.softmax_scale
+        T = logits.shape[-1]
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        seen["logits"] = logits.masked_fill(future, float("-inf"))
+        record(q, k)
+
+    attn._record_max_logits = spy
+    return seen
+
+
+def boost_heads(attn, targets: dict[int, float], current: torch.Tensor) -> None:
+    """Scale head h's whole query (nope and rope rows) so that its max logit becomes targets[h]."""
+    H, d = attn.num_heads, attn.nope_dim + attn.rope_dim
+    with torch.no_grad():
+        rows = attn.query_proj.weight.view(H, d, -1)
+        for h, target in targets.items():
+            rows[h] *= target / current[h]
+
+
+def loss_of(model, ids):
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("q_lora", [True, False], ids=["q_lora", "no_q_lora"])
+def test_clipped_head_logits_scale_by_exactly_gamma(q_lora):
+    model = one_layer_model(q_lora)
+    attn = next(model.attention_layers())
+    seen = capture_logits(attn)
+    ids = torch.randint(0, 512, (2, 32))
+    model(ids)
+    boost_heads(attn, {0: 400.0, 2: 150.0}, model.max_logits()[0])
+    model.reset_stats()
+    opt = build_optimizer(model, OptimConfig(lr=0.0, qk_clip_tau=TAU))
+
+    loss_of(model, ids).backward()
+    old = seen["logits"].clone()                              # [B, H, T, T]
+    max_before = model.max_logits()[0].clone()
+    assert max_before[0] == pytest.approx(400.0, rel=1e-4) and max_before[2] == pytest.approx(150.0, rel=1e-4)
+    assert max_before[1] < TAU and max_before[3] < TAU
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    stats = opt.step()
+    assert stats["clipped_heads"] == 2 and stats["max_logit"] == pytest.approx(400.0, rel=1e-4)
+
+    model(ids)
+    new = seen["logits"]
+    valid = old.isfinite()
+    for h in range(attn.num_heads):
+        if h in (0, 2):
+            gamma = TAU / max_before[h]
+            expect = gamma * old[:, h][valid[:, h]]
+            error = (new[:, h][valid[:, h]] - expect).abs().max() / expect.abs().max()
+            assert error < 1e-5, (h, error)
+            assert model.max_logits()[0, h] == pytest.approx(TAU, rel=1e-5)
+        else:
+            assert torch.equal(new[:, h], old[:, h])  # unclipped heads: bitwise the same logits
+
+    # Weights: only the clipped heads' q rows and k-nope rows changed; v rows, the rotary key
+    # (kv_a_proj_with_mqa), q_a_proj and norms are bitwise unchanged (lr = 0).
+    H, N, R, V = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.v_dim
+    q_name = "model.layers.0.self_attn." + ("q_b_proj" if q_lora else "q_proj") + ".weight"
+    q_old = weights[q_name].view(H, N + R, -1)
+    q_new = attn.query_proj.weight.detach().view(H, N + R, -1)
+    kv_old = weights["model.layers.0.self_attn.kv_b_proj.weight"].view(H, N + V, -1)
+    kv_new = attn.kv_b_proj.weight.detach().view(H, N + V, -1)
+    for h in range(H):
+        assert torch.equal(kv_new[h, N:], kv_old[h, N:])  # v rows
+        if h in (1, 3):
+            assert torch.equal(q_new[h], q_old[h]) and torch.equal(kv_new[h], kv_old[h])
+        else:
+            gamma = TAU / max_before[h]
+            torch.testing.assert_close(q_new[h, :N], q_old[h, :N] * gamma.sqrt(), rtol=1e-6, atol=0)
+            torch.testing.assert_close(q_new[h, N:], q_old[h, N:] * gamma, rtol=1e-6, atol=0)
+            torch.testing.assert_close(kv_new[h, :N], kv_old[h, :N] * gamma.sqrt(), rtol=1e-6, atol=0)
+    changed = {q_name, "model.layers.0.self_attn.kv_b_proj.weight"}
+    for name, p in model.named_parameters():
+        if name not in changed:
+            assert torch.equal(p.detach(), weights[name]), name
+
+
+def test_qk_clip_disabled_and_adamw():
+    model = one_layer_model(True)
+    attn = next(model.attention_layers())
+    ids = torch.randint(0, 512, (1, 16))
+    model(ids)
+    boost_heads(attn, {1: 300.0}, model.max_logits()[0])
+    for tau, name, clipped in [(0.0, "muonclip", 0), (TAU, "adamw", 1)]:
+        model.reset_stats()
+        opt = build_optimizer(model, OptimConfig(name=name, lr=0.0, qk_clip_tau=tau))
+        loss_of(model, ids).backward()
+        assert opt.step()["clipped_heads"] == clipped
+        opt.zero_grad()
+
+
+# ---- router bias --------------------------------------------------------------------------
+
+def test_router_bias_direction_and_magnitude():
+    model = openk2.build_model(openk2.preset("tiny", vocab_size=512), seed=0)
+    layers = list(model.moe_layers())
+    counts = torch.tensor([[10.0, 2, 6, 6, 6, 6, 6, 6]] * len(layers))  # mean 6
+    delta = update_router_bias(layers, counts, rate=1e-3)
+    bias = layers[0].gate.e_score_correction_bias
+    assert torch.equal(bias, torch.tensor([-1e-3, 1e-3, 0, 0, 0, 0, 0, 0]))  # overloaded down, underloaded up
+    assert torch.equal(delta[0], bias)
+    counts = torch.tensor([[10.0, 2, 2, 2, 6, 6, 6, 14]] * len(layers))  # mean 6
+    centered = update_router_bias(layers, counts, 1e-3, centered=True)
+    assert centered[0].sum().abs() < 1e-9
+    torch.testing.assert_close(centered[0], torch.tensor([-1.0, 1, 1, 1, 0, 0, 0, -1]) * 1e-3 - 1e-3 / 8)
+
+
+def test_router_bias_follows_step_counts():
+    model = openk2.build_model(openk2.preset("tiny", vocab_size=512), seed=0)
+    opt = build_optimizer(model, OptimConfig(lr=0.0, router_bias_rate=1e-3))
+    loss_of(model, torch.randint(0, 512, (2, 32))).backward()
+    load = model.tokens_per_expert()
+    expected = 1e-3 * torch.sign(load.mean(-1, keepdim=True) - load)
+    opt.step()
+    for moe, e in zip(model.moe_layers(), expected):
+        assert torch.equal(moe.gate.e_score_correction_bias, e)
+
+
+# ---- distributed ---------------------------------------------------------------------------
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from openk2.optim import Muon
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        # Same weights everywhere, different data per rank: local statistics differ.
+        model = openk2.build_model(openk2.preset("tiny", num_hidden_layers=2, vocab_size=512), seed=0)
+        attn = next(model.attention_layers())
+        torch.manual_seed(0)
+        model(torch.randint(0, 512, (1, 16)))
+        boost_heads(attn, {0: 250.0, 3: 90.0}, model.max_logits()[0])
+        model.reset_stats()
+        opt = build_optimizer(model, OptimConfig(lr=1e-3, qk_clip_tau=TAU, router_bias_rate=1e-3))
+        torch.manual_seed(100 + rank)
+        loss_of(model, torch.randint(0, 512, (2, 24))).backward()
+        for p in model.parameters():  # what DDP does: average the gradients
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        local_max, local_counts = model.max_logits().clone(), model.tokens_per_expert().clone()
+        every_max = [torch.zeros_like(local_max) for _ in range(world)]
+        every_count = [torch.zeros_like(local_counts) for _ in range(world)]
+        dist.all_gather(every_max, local_max)
+        dist.all_gather(every_count, local_counts)
+        global_max = torch.stack(every_max).amax(0)
+        global_counts = torch.stack(every_count).sum(0)
+        assert not torch.equal(every_max[0], every_max[1])  # the test means something
+        stats = opt.step()
+        assert stats["max_logit"] == pytest.approx(global_max.max().item())
+        assert stats["clipped_heads"] == int((global_max > TAU).sum())
+        expected_bias = 1e-3 * torch.sign(global_counts.mean(-1, keepdim=True) - global_counts)
+        for moe, e in zip(model.moe_layers(), expected_bias):
+            assert torch.equal(moe.gate.e_score_correction_bias, e)
+        flat = torch.cat([t.detach().flatten() for t in model.state_dict().values()])
+        other = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(other, flat)
+        assert torch.equal(other[0], other[1])  # identical clipped weights and bias on every rank
+
+        # DTensor (FSDP2-style Shard(0), uneven rows): row scaling and Muon on the local shard.
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(7)
+        full, row_scale = torch.randn(7, 5, generator=g), torch.rand(7, generator=g) + 0.5
+        sharded = distribute_tensor(full, mesh, [Shard(0)])
+        scale_rows_(sharded, row_scale)
+        assert torch.equal(sharded.full_tensor(), full * row_scale[:, None])
+        grad = torch.randn(7, 5, generator=g)
+        plain = torch.nn.Parameter(full.clone())
+        dt = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+        plain.grad, dt.grad = grad.clone(), distribute_tensor(grad, mesh, [Shard(0)])
+        Muon([plain], lr=0.1).step()
+        Muon([dt], lr=0.1).step()
+        torch.testing.assert_close(dt.full_tensor(), plain.detach(), rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_distributed_statistics_are_all_reduced(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "pg")), nprocs=2, join=True)

@@ -1,0 +1,134 @@
+"""Pre-training loop: metrics, exact resume after SIGKILL, damaged checkpoints, recipe errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from openk2.config import ConfigError
+from openk2.recipe import load_recipe
+from openk2.train.checkpoint import latest_checkpoint, list_checkpoints
+from openk2.train.metrics import read_metrics
+
+SMALL = [
+    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.moe_intermediate_size=32", "model.q_lora_rank=32", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.vocab_size=1024",
+    "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_every=5",
+    "train.eval_batches=2", "train.threads=1", "optim.lr=0.01", "optim.warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    words = "the king queen sword crown night day love war peace river stone fire storm".split()
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    with path.open("w") as f:
+        for _ in range(400):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + "."
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def run_pretrain(out: Path, corpus: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    args = [sys.executable, "-m", "openk2", "pretrain", "--out", str(out), "--set", f"data.source={corpus}"]
+    for item in SMALL + list(extra):
+        args += [item] if item.startswith("--") else ["--set", item]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if wait:
+        output, _ = proc.communicate(timeout=600)
+        proc.output = output
+        assert proc.returncode == 0, output
+    return proc
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl")}
+
+
+def test_metrics_and_outputs(tmp_path, corpus):
+    run = tmp_path / "run"
+    run_pretrain(run, corpus, "train.steps=6", "train.checkpoint_every=3")
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "max_logit", "clipped_heads"):
+        assert all(key in r for r in records), key
+    assert [r["step"] for r in records if "val_loss" in r] == [5, 6]
+    assert records[-1]["tokens"] == 6 * 4 * 32
+    assert (run / "final" / "config.json").is_file() and (run / "final" / "tokenizer.json").is_file()
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000003"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path, corpus):
+    steps = ["train.steps=24", "train.checkpoint_every=4", "train.keep_checkpoints=3"]
+    reference = tmp_path / "reference"
+    run_pretrain(reference, corpus, *steps)
+
+    run = tmp_path / "killed"
+    proc = run_pretrain(run, corpus, *steps, wait=False)
+    deadline = time.time() + 300
+    while not list_checkpoints(run) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(r["step"] for r in read_metrics(run / "metrics.jsonl"))
+    assert killed_at < 24, "the run finished before it could be killed"
+    checkpoint_step = int(latest_checkpoint(run).name.split("_")[1])
+
+    resumed = run_pretrain(run, corpus, *steps, "--resume")
+    assert f"(step {checkpoint_step})" in resumed.output
+    # Bitwise equal losses, the whole run through.
+    assert losses(run) == losses(reference)
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_skipped(tmp_path, corpus):
+    steps = ["train.steps=16", "train.checkpoint_every=4", "train.keep_checkpoints=3"]
+    reference = tmp_path / "reference"
+    run_pretrain(reference, corpus, *steps)
+
+    run = tmp_path / "run"
+    run_pretrain(run, corpus, *steps)
+    oldest, middle, newest = list_checkpoints(run)
+    assert [p.name for p in (oldest, middle, newest)] == ["step_0000004", "step_0000008", "step_0000012"]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    optimizer = middle / "optimizer.pt"
+    data = bytearray(optimizer.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    optimizer.write_bytes(bytes(data))
+    resumed = run_pretrain(run, corpus, *steps, "--resume")
+    assert "skipping checkpoint" in resumed.output and "step_0000012" in resumed.output
+    assert "step_0000008" in resumed.output and "checksum" in resumed.output
+    assert "(step 4)" in resumed.output
+    assert losses(run) == losses(reference)
+
+
+def test_unknown_recipe_key_is_named():
+    with pytest.raises(ConfigError, match="train.stepz is not a known key"):
+        load_recipe(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="optim"):
+        load_recipe(None, ["optim.nme=adamw"])
+    with pytest.raises(ConfigError, match="multiple of"):
+        load_recipe(None, ["train.batch_size=6", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="should be int"):
+        load_recipe(None, ["train.steps=many"])
+
+
+def test_cli_reports_bad_data(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    result = subprocess.run([sys.executable, "-m", "openk2", "pretrain", "--out", str(tmp_path / "r"),
+                             "--set", f"data.source={bad}", "--set", "model.vocab_size=1024"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "bad.jsonl:2" in result.stdout + result.stderr
