@@ -1,0 +1,225 @@
+"""One optimizer step on the tiny and small presets: fused AdamW, openk2 MuonClip, and a
+per-matrix Muon reference, side by side in one run.
+
+    python benchmarks/optimizer_step.py [--presets tiny small] [--repeats 5] [--threads 2]
+
+- adamw (fused): torch.optim.AdamW(fused=True) over every parameter (foreach where fused is
+  unavailable). The cost floor of any optimizer step.
+- reference: what one would write with torch alone for a transformers-shaped model.
+  torch.optim.Muon (bf16 Newton–Schulz, match_rms_adamw) on the 2-D hidden matrices, the same
+  torch code looped over every routed-expert matrix in transformers 5.x's layout (fused
+  gate_up [2I, D] per expert, as `DeepseekV3Experts` stores it, and down [D, I]), fused AdamW
+  for embedding, LM head, norms and router. openk2 keeps gate and up separate (the released
+  checkpoint's layout), which is also fewer Newton–Schulz FLOPs.
+- muonclip fp32 / bf16: openk2's step (build_optimizer defaults: Muon + AdamW + QK-Clip + router
+  bias + non-finite check) with Newton–Schulz in float32 (the default) or bfloat16.
+
+Newton–Schulz FLOPs are counted per matrix (5 steps x (4 m^2 n + 2 m^3), m <= n); achieved
+GFLOP/s time Newton–Schulz alone on the batches MuonClip builds, against a large square matmul
+of the same dtype, measured in the same rounds. All contenders run round-robin and each
+reports its best round (--repeats rounds for small, twice that for tiny, after warm-up), since
+the machine may be shared: compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import subprocess
+import time
+
+import torch
+import torch.optim._muon as torch_muon
+
+import openk2
+from openk2.optim import OptimConfig, build_optimizer, classify_parameters, newton_schulz_flops
+from openk2.optim import zeropower_via_newtonschulz
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def best_of(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Best (minimum) seconds of each fn over `repeats` rounds after `warmup` rounds. The
+    contenders run round-robin, so load from other processes hits them alike, and the minimum
+    is the least disturbed run."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    best = {name: math.inf for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+CEILING_N = 2048  # the square matmul that sets the ceiling
+
+
+def matmul(dtype: torch.dtype):
+    a, b = torch.randn(CEILING_N, CEILING_N, dtype=dtype), torch.randn(CEILING_N, CEILING_N, dtype=dtype)
+    out = torch.empty(CEILING_N, CEILING_N, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def make_model(name: str):
+    model = openk2.build_model(openk2.preset(name), seed=0)
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    return model
+
+
+def fill_stats(model, generator: torch.Generator) -> None:
+    """Statistics a forward would leave: a few heads above tau, random expert loads."""
+    for attn in model.attention_layers():
+        attn.max_logits.copy_(torch.rand(attn.num_heads, generator=generator) * 150)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert.copy_(torch.randint(0, 100, moe.tokens_per_expert.shape, generator=generator))
+
+
+class Reference:
+    """What one writes with torch alone on a transformers-shaped model: torch.optim.Muon on the
+    2-D matrices, the same torch code looped over every routed-expert matrix in transformers
+    5.x's layout (fused gate_up [E, 2I, D] and down [E, D, I]), fused AdamW for the rest."""
+
+    def __init__(self, model, lr=2e-4, wd=0.1):
+        roles = classify_parameters(model)
+        self.matrices = [r.param for r in roles if r.algorithm == "muon" and r.role != "expert"]
+        others = [r.param for r in roles if r.algorithm == "adamw"]
+        self.stacked = []
+        for experts in (m for m in model.modules() if isinstance(m, openk2.model.Experts)):
+            gate_up = torch.cat([experts.gate_proj.detach(), experts.up_proj.detach()], dim=1)
+            gate_up.grad = torch.cat([experts.gate_proj.grad, experts.up_proj.grad], dim=1)
+            down = experts.down_proj.detach().clone()
+            down.grad = experts.down_proj.grad.clone()
+            self.stacked += [gate_up, down]
+        self.muon = torch.optim.Muon(self.matrices, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(others, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd,
+                                       fused=True)
+        self.expert_momenta = [torch.zeros_like(p) for p in self.stacked]
+        self.lr, self.wd = lr, wd
+
+    @torch.no_grad()
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+        for p, buf in zip(self.stacked, self.expert_momenta):
+            torch_muon._single_tensor_muon(
+                list(p.unbind(0)), list(p.grad.unbind(0)), list(buf.unbind(0)), lr=self.lr,
+                weight_decay=self.wd, momentum=0.95, nesterov=True,
+                ns_coefficients=(torch_muon.DEFAULT_A, torch_muon.DEFAULT_B, torch_muon.DEFAULT_C),
+                ns_steps=5, eps=torch_muon.EPS, adjust_lr_fn="match_rms_adamw", has_complex=False)
+
+
+def muon_shape_classes(model) -> dict[tuple[int, int], int]:
+    """(short, long) -> number of matrices, as MuonClip batches them."""
+    classes: dict[tuple[int, int], int] = {}
+    for r in classify_parameters(model):
+        if r.algorithm == "muon":
+            rows, cols = r.param.shape[-2:]
+            key = (min(rows, cols), max(rows, cols))
+            classes[key] = classes.get(key, 0) + (r.param.shape[0] if r.param.ndim == 3 else 1)
+    return classes
+
+
+def bench_preset(name: str, repeats: int, ceilings: dict[str, float]) -> list[list[str]]:
+    """Rows of the table for one preset; updates `ceilings` (GFLOP/s per dtype) with the best
+    square matmul seen in this preset's rounds."""
+    g = torch.Generator().manual_seed(2)
+    classes = muon_shape_classes(make_model(name))
+    ns_flops = sum(newton_schulz_flops((count, short, long)) for (short, long), count in classes.items())
+
+    contenders = {f"mm {dtype}": matmul(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
+    model = make_model(name)
+    adamw = torch.optim.AdamW(model.parameters(), lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              fused=True)
+    contenders["adamw"] = adamw.step
+    contenders["reference"] = Reference(make_model(name)).step
+    ns_inputs = {}
+    for ns_dtype in ("float32", "bfloat16"):
+        model = make_model(name)
+        opt = build_optimizer(model, OptimConfig(ns_dtype=ns_dtype))
+
+        def step(model=model, opt=opt):
+            fill_stats(model, g)
+            opt.step()
+
+        contenders[f"muonclip {ns_dtype}"] = step
+        dtype = getattr(torch, ns_dtype)
+        inputs = [torch.randn(count, short, long, dtype=dtype) for (short, long), count in classes.items()]
+        buffers = [torch.empty_like(x) for x in inputs]
+        ns_inputs[ns_dtype] = inputs
+
+        def newton_schulz(inputs=inputs, buffers=buffers, workspace={}):
+            for x, buf in zip(inputs, buffers):
+                zeropower_via_newtonschulz(buf.copy_(x), workspace=workspace)
+
+        def copy_only(inputs=inputs, buffers=buffers):
+            for x, buf in zip(inputs, buffers):
+                buf.copy_(x)
+
+        contenders[f"ns {ns_dtype}"] = newton_schulz
+        contenders[f"copy {ns_dtype}"] = copy_only
+    rounds = 2 * repeats if name == "tiny" else max(2, repeats // 2)
+    best = best_of(contenders, rounds, warmup=1 if name != "tiny" else 2)
+    for dtype in ("float32", "bfloat16"):
+        ceilings[dtype] = max(ceilings.get(dtype, 0.0), 2 * CEILING_N**3 / best[f"mm {dtype}"] / 1e9)
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1e3:,.1f}"
+
+    t_ref = best["reference"]
+    rows = [[name, "adamw (fused)", ms(best["adamw"]), f"{t_ref / best['adamw']:.1f}x", "", "", ""],
+            [name, "reference: torch Muon per matrix (bf16 NS)", ms(t_ref), "1.0x", "", "", ""]]
+    for ns_dtype in ("float32", "bfloat16"):
+        t_ns = max(best[f"ns {ns_dtype}"] - best[f"copy {ns_dtype}"], 1e-9)
+        gflops = ns_flops / t_ns / 1e9
+        t_step = best[f"muonclip {ns_dtype}"]
+        rows.append([name, f"muonclip ({ns_dtype} NS)", ms(t_step), f"{t_ref / t_step:.1f}x",
+                     f"{ns_flops / 1e9:,.1f} ({sum(classes.values())} matrices, {len(classes)} batches)",
+                     f"{gflops:,.0f} in {ms(t_ns)} ms",
+                     f"{100 * gflops / ceilings[ns_dtype]:.0f}% of {ceilings[ns_dtype]:,.0f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# optimizer step  torch {torch.__version__}  {cpu_name()}  {torch.get_num_threads()} threads  "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    ceilings: dict[str, float] = {}
+    header = ["preset", "optimizer", "ms/step (best)", "reference ÷ this", "NS GFLOP/step", "NS GFLOP/s",
+              "vs matmul ceiling"]
+    rows = []
+    for name in args.presets:
+        rows += bench_preset(name, args.repeats, ceilings)
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+    print(f"# matmul ceiling ({CEILING_N}^2 mm, best round): float32 {ceilings['float32']:,.0f} GFLOP/s, "
+          f"bfloat16 {ceilings['bfloat16']:,.0f} GFLOP/s")
+    print("# goals: muonclip step >= 2x faster than the reference; Newton–Schulz >= 60% of the matmul ceiling")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""QK-Clip at small scale (K2_SPEC §2): does plain Muon's max attention logit run away, and
+does QK-Clip cap it at tau without hurting the loss?
+
+Runs the same high-learning-rate recipe twice, with qk_clip_tau = 0 (plain Muon) and
+qk_clip_tau = TAU, and plots the per-step max logit (before clipping) and the loss.
+
+    python experiments/qk_clip.py --out runs/qk_clip [--tau 15] [--lr 0.02] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import dump, run  # noqa: E402
+
+from openk2.eval.report import smooth  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/qk_clip"))
+    parser.add_argument("--recipe", default="recipes/speedrun.toml")
+    parser.add_argument("--tau", type=float, default=15.0)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--set", dest="extra", action="append", default=[])
+    args = parser.parse_args()
+    base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", "train.eval_every=50",
+            "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
+    runs = {
+        "Muon (no clip)": run(args.out / "muon", args.recipe, base + ["optim.qk_clip_tau=0"]),
+        f"MuonClip (tau={args.tau:g})": run(args.out / "muonclip", args.recipe,
+                                           base + [f"optim.qk_clip_tau={args.tau}"]),
+    }
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    summary = {}
+    for label, records in runs.items():
+        steps = [r["step"] for r in records]
+        left.plot(steps, [r["max_logit"] for r in records], label=label)
+        right.plot(steps, smooth([r["loss"] for r in records]), label=label)
+        vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        summary[label] = {
+            "max_logit": max(r["max_logit"] for r in records),
+            "max_logit_after_first_clip": max((r["max_logit"] for r in records
+                                               if r["step"] > _first_clip(records)), default=None),
+            "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
+            "final_loss": records[-1]["loss"],
+            "final_val_loss": vals[-1] if vals else None,
+        }
+    left.axhline(args.tau, color="red", linestyle="--", label=f"tau = {args.tau:g}")
+    left.set_yscale("log")
+    left.set_xlabel("step")
+    left.set_ylabel("max attention logit (before clipping)")
+    left.legend()
+    right.set_xlabel("step")
+    right.set_ylabel("training loss (EMA)")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "qk_clip.png", dpi=110)
+    dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary})
+    for label, values in summary.items():
+        print(label, values)
+
+
+def _first_clip(records: list[dict]) -> int:
+    return next((r["step"] for r in records if r["clipped_heads"]), 10**9)
+
+
+if __name__ == "__main__":
+    main()
