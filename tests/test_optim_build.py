@@ -84,7 +84,7 @@ def test_step_returns_stats_and_resets_model():
     for ids in batches(2):  # two micro-batches
         backward(model, ids)
     max_logit = model.max_logits().max().item()
-    counts = model.tokens_per_expert()
+    counts = model.tokens_per_expert().double()
     assert counts.sum() == 2 * 2 * 24 * 2  # micro-batches x tokens x top-2, summed by the model
     stats = opt.step()
     assert set(stats) >= {"max_logit", "clipped_heads", "expert_imbalance", "skipped"}

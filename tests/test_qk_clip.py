@@ -147,8 +147,8 @@ def test_router_bias_follows_step_counts():
     model = openk2.build_model(openk2.preset("tiny", vocab_size=512), seed=0)
     opt = build_optimizer(model, OptimConfig(lr=0.0, router_bias_rate=1e-3))
     loss_of(model, torch.randint(0, 512, (2, 32))).backward()
-    load = model.tokens_per_expert()
-    expected = 1e-3 * torch.sign(load.mean(-1, keepdim=True) - load)
+    load = model.tokens_per_expert().double()
+    expected = (1e-3 * torch.sign(load.mean(-1, keepdim=True) - load)).float()
     opt.step()
     for moe, e in zip(model.moe_layers(), expected):
         assert torch.equal(moe.gate.e_score_correction_bias, e)
@@ -185,12 +185,12 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.all_gather(every_max, local_max)
         dist.all_gather(every_count, local_counts)
         global_max = torch.stack(every_max).amax(0)
-        global_counts = torch.stack(every_count).sum(0)
+        global_counts = torch.stack(every_count).sum(0).double()
         assert not torch.equal(every_max[0], every_max[1])  # the test means something
         stats = opt.step()
         assert stats["max_logit"] == pytest.approx(global_max.max().item())
         assert stats["clipped_heads"] == int((global_max > TAU).sum())
-        expected_bias = 1e-3 * torch.sign(global_counts.mean(-1, keepdim=True) - global_counts)
+        expected_bias = (1e-3 * torch.sign(global_counts.mean(-1, keepdim=True) - global_counts)).float()
         for moe, e in zip(model.moe_layers(), expected_bias):
             assert torch.equal(moe.gate.e_score_correction_bias, e)
         flat = torch.cat([t.detach().flatten() for t in model.state_dict().values()])

@@ -213,8 +213,8 @@ def load_model(
         for module in model.modules():
             for buffer_name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer.device.type == "meta":
-                    module.register_buffer(buffer_name, torch.zeros(buffer.shape, dtype=torch.float32),
-                                           persistent=False)
+                    dtype = buffer.dtype if buffer.dtype == torch.long else torch.float32
+                    module.register_buffer(buffer_name, torch.zeros(buffer.shape, dtype=dtype), persistent=False)
     for module in model.modules():
         if hasattr(module, "inv_freq"):
             module.reset_parameters()

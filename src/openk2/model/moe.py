@@ -112,7 +112,9 @@ class MoE(nn.Module):
         # Sequence-wise balance loss weight (DeepSeek-V3 "seq_aux"); 0 turns it off.
         self.aux_loss_alpha = 0.0
         self.aux_loss: torch.Tensor | None = None
-        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts), persistent=False)
+        # Integer counts stay exact at any scale and are left alone by dtype casts.
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -120,7 +122,7 @@ class MoE(nn.Module):
         weights, experts, scores = self.gate(flat)
         counts = torch.bincount(experts.flatten(), minlength=self.experts.num_experts)
         with torch.no_grad():
-            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+            self.tokens_per_expert += counts
         if self.aux_loss_alpha > 0 and self.training:
             self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores.view(B, T, -1), experts.view(B, T, -1))
         out = self.experts(flat, weights, experts, counts)

@@ -145,8 +145,11 @@ def build_model(
         model = K2ForCausalLM(config)
     if dtype is not None:
         model.to(dtype=dtype)
+        # The router and the optimizer's statistics stay in float32 whatever the model dtype.
         for router in (m for m in model.modules() if isinstance(m, Router)):
             router.float()
+        for attn in model.attention_layers():
+            attn.max_logits = attn.max_logits.float()
     if device.type == "meta":
         return model
     model.to_empty(device=device)
