@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -144,8 +145,47 @@ def pretrain(
         summary = run_pretrain(config, out, resume=resume, log=console.print)
     except (ConfigError, DataError, NonFiniteError) as e:
         _fail(str(e))
-    console.print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']}, "
-                  f"model in {out / 'final'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        console.print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']}, "
+                      f"model in {out / 'final'}")
+
+
+@app.command()
+def plan(
+    recipe: RecipeOption = None,
+    overrides: SetOption = None,
+    gpus: Annotated[int, typer.Option(help="world size: GPUs the run would use")] = 8,
+    gpu_memory: Annotated[float, typer.Option(help="GiB per GPU, to say whether it fits")] = 80.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Memory per GPU of a recipe's model and [parallel] mesh (built on the meta device)."""
+    from openk2.train.plan import format_plan, plan_memory
+
+    config = _recipe(recipe, overrides)
+    try:
+        result = plan_memory(config, gpus)
+    except ConfigError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(format_plan(result, gpu_memory, str(recipe or "defaults")))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder, RUN/checkpoints/step_NNNNNNN")],
+    out: Annotated[Path, typer.Option("--out", help="output HF model folder")],
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer folder (default: RUN/tokenizer)")] = None,
+) -> None:
+    """Write an HF model folder from a training checkpoint (single-process or sharded)."""
+    from openk2.train.checkpoint import export_checkpoint
+
+    try:
+        export_checkpoint(checkpoint, out, tokenizer)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"wrote {out}")
 
 
 @app.command()
@@ -166,6 +206,48 @@ def speedrun(
     except (ConfigError, DataError, NonFiniteError) as e:
         _fail(str(e))
     console.print(f"report: {report}")
+
+
+@app.command()
+def serve(
+    path: Annotated[Path, typer.Argument(help="checkpoint folder (HF model + tokenizer)")],
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless told otherwise")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="require this Bearer key (default $OPENK2_API_KEY)")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="model id to report (default: folder name)")] = None,
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
+    max_len: Annotated[Optional[int], typer.Option(help="context length (default min(4096, model max))")] = None,
+) -> None:
+    """Serve a checkpoint with an OpenAI-compatible API (chat, completions, tools, streaming)."""
+    from openk2.infer.server import serve as run_server
+    from openk2.model import CheckpointError
+
+    try:
+        run_server(path, host=host, port=port, api_key=api_key, model_name=model_name, max_batch=max_batch,
+                   max_len=max_len)
+    except (CheckpointError, ConfigError, OSError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def chat(
+    path: Annotated[Path, typer.Argument(help="checkpoint folder (HF model + tokenizer)")],
+    message: Annotated[Optional[str], typer.Option(help="send one message, print the reply and exit")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt")] = None,
+    max_tokens: int = 512,
+    temperature: float = 0.6,
+    seed: Optional[int] = None,
+    tools: Annotated[bool, typer.Option(help="offer the built-in calculator and clock tools")] = True,
+) -> None:
+    """Chat in the terminal in K2's format; the model's tool calls run the built-in tools."""
+    from openk2.infer.chat_cli import chat as run_chat
+    from openk2.model import CheckpointError
+
+    try:
+        run_chat(path, message=message, system=system, max_tokens=max_tokens, temperature=temperature,
+                 seed=seed, tools=tools)
+    except (CheckpointError, ConfigError, OSError) as e:
+        _fail(str(e))
 
 
 def main() -> None:

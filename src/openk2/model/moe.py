@@ -87,15 +87,13 @@ class Experts(nn.Module):
         token = order // K
         xs = x.index_select(0, token)  # [N*K, D]
         gate_weight = weights.flatten()[order, None].to(x.dtype)
-        # One [2I, D] matmul per expert instead of two [I, D] ones; the weights stay separate.
-        gate_up = torch.cat((self.gate_proj, self.up_proj), dim=1)  # [E, 2I, D]
         sizes = counts.tolist()
         outputs = []
         for e, (chunk, g) in enumerate(zip(xs.split(sizes), gate_weight.split(sizes))):
             if chunk.shape[0] == 0:
                 continue
-            gate, up = (chunk @ gate_up[e].T).chunk(2, dim=-1)
-            outputs.append((F.silu(gate) * up * g) @ self.down_proj[e].T)
+            h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
+            outputs.append((h * g) @ self.down_proj[e].T)
         y = torch.cat(outputs) if outputs else xs.new_zeros(0, x.shape[1])
         return torch.zeros_like(x).index_add_(0, token, y)
 
