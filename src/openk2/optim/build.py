@@ -258,7 +258,9 @@ class MuonClip:
 
     def _all_reduce(self, max_logits, counts, bad):
         """MAX of per-head max logits and of the non-finite flags, SUM of tokens per expert, so
-        every replica applies the same gamma and the same bias update (K2_SPEC §2)."""
+        every replica applies the same gamma and the same bias update (K2_SPEC §2). Over every
+        rank: with expert parallelism too, each rank's counts are its own tokens' routing over
+        all E experts (routing happens before dispatch), so the world SUM is the global load."""
         dist = torch.distributed
         packed = torch.cat([torch.nan_to_num(max_logits, nan=0.0).flatten(), bad])
         dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)

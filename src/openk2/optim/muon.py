@@ -14,13 +14,19 @@ tall or wide, stacked or not, go through Newton–Schulz together as one [N, sho
 batch: three bmm calls per iteration for the whole model's shape class instead of three
 matmuls per matrix. Gate and up projections are separate parameters, hence separate matrices.
 
-Distributed: a parameter that is a DTensor (FSDP2 shards dim 0) is gathered to its full
-matrix for Newton–Schulz (orthogonalising a shard is wrong, K2_SPEC §2) and only the local
-rows of the result are applied, as in Moonlight's distributed Muon.
+Distributed (K2_SPEC §2: Newton–Schulz must see whole matrices; orthogonalising a shard is wrong):
+- a stacked [E, out, in] DTensor split along E (FSDP2 or expert parallelism) holds whole
+  matrices locally: each rank orthogonalises its own experts, so that work is already divided;
+- a 2-D DTensor in row blocks (FSDP2 Shard(0), HSDP) is owned by one rank, chosen largest
+  matrix first onto the least-loaded rank; an all_to_all gathers each owner's matrices, the
+  owner runs Newton–Schulz on its share only, and a second all_to_all scatters the rows of the
+  update back to every rank that holds them (`_owner_update`);
+- any other DTensor layout is gathered whole on every rank, and the local rows applied.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -30,10 +36,12 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7  # floor of ||U||_F, as torch.optim.Muon
 NS_BATCH_ELEMENTS = 1 << 27  # elements of one Newton–Schulz batch (512 MiB in float32)
 
+import torch.distributed as dist
+
 try:  # DTensor only matters under FSDP2 / tensor parallelism
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None  # type: ignore[assignment,misc]
+    DTensor = Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -135,9 +143,14 @@ def muon_update(
     `workspace` (a dict the caller keeps) holds those buffers between steps on CPU, where a
     fresh allocation of a few hundred MB page-faults on every step (~150 ms per 200 MB on a
     2-core EPYC); CUDA's caching allocator already reuses memory, so nothing is kept there.
+    Row-sharded DTensor matrices take `_owner_update` (see the module docstring).
     """
     if not params:
         return
+    for p in params:
+        if p.ndim not in (2, 3):
+            raise ValueError(f"Muon takes 2-D matrices or stacked [E, out, in] tensors, "
+                             f"got shape {tuple(p.shape)}")
     p_local = [local_tensor(p) for p in params]
     g_local = [local_tensor(g) for g in grads]
     m_local = [local_tensor(m) for m in momenta]
@@ -146,48 +159,75 @@ def muon_update(
     nesterov_mu = momentum if nesterov else None
     if weight_decay and lr:
         torch._foreach_mul_(p_local, 1.0 - lr * weight_decay)
+    ns = dict(steps=ns_steps, coefficients=ns_coefficients, eps=eps, ns_dtype=ns_dtype,
+              max_batch_elements=max_batch_elements, workspace=workspace)
 
-    # Shape classes: (short, long, device, dtype) -> [(param index, matrices, tall)]
-    classes: dict[tuple[int, int, torch.device, torch.dtype], list[tuple[int, int, bool]]] = {}
-    for i, p in enumerate(params):
-        if p.ndim not in (2, 3):
-            raise ValueError(f"Muon takes 2-D matrices or stacked [E, out, in] tensors, "
-                             f"got shape {tuple(p.shape)}")
-        rows, cols = p.shape[-2:]
-        count = p.shape[0] if p.ndim == 3 else 1
-        key = (min(rows, cols), max(rows, cols), p_local[i].device, p_local[i].dtype)
-        classes.setdefault(key, []).append((i, count, rows > cols))
+    # What Newton–Schulz works on: the local tensor when it holds whole matrices (a plain
+    # tensor, or a stacked tensor sharded along E), else the DTensor itself.
+    work = [p_local[i] if not is_dtensor(p) or _whole_matrices(p) else p for i, p in enumerate(params)]
+    owned = [i for i, w in enumerate(work) if is_dtensor(w) and _row_sharded(w)]
+    if owned:
+        _owner_update([params[i] for i in owned], [g_local[i] for i in owned], [m_local[i] for i in owned],
+                      [p_local[i] for i in owned], nesterov_mu, lr, ns)
+    rest = [i for i in range(len(params)) if i not in set(owned)]
 
+    def fill(i: int, e0: int, e1: int, slot: torch.Tensor) -> None:
+        if is_dtensor(work[i]):  # any other sharding: every rank gathers the whole matrix
+            slot.copy_(_full_input(work[i], g_local[i], m_local[i], nesterov_mu))
+        elif nesterov:
+            torch.add(_rows(g_local[i], e0, e1), _rows(m_local[i], e0, e1), alpha=momentum, out=slot)
+        else:
+            slot.copy_(_rows(m_local[i], e0, e1))
+
+    specs = [(i, work[i].shape, p_local[i].device, p_local[i].dtype, is_dtensor(work[i])) for i in rest]
+    for batch in _orthogonalised(specs, fill, **ns):  # one shape class per batch
+        targets, updates = [], []
+        for i, e0, e1, update in batch:
+            if is_dtensor(work[i]):
+                targets.append(p_local[i])
+                updates.append(_local_rows(update, work[i]))
+            else:
+                targets.append(_rows(p_local[i], e0, e1))
+                updates.append(update)
+        long = max(work[batch[0][0]].shape[-2:])
+        torch._foreach_add_(targets, updates, alpha=-lr * 0.2 * math.sqrt(long))
+
+
+def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batch_elements, workspace):
+    """Newton–Schulz over matrices batched by shape class.
+
+    specs: (key, shape [..., rows, cols], device, dtype of the result, whole) per tensor; a
+    `whole` tensor is never split across batches. `fill(key, e0, e1, slot)` writes matrices
+    e0:e1 of a tensor into `slot` (a view of the batch in the tensor's orientation). Yields,
+    per batch, [(key, e0, e1, update)] with `update` in the tensor's shape and dtype, a view of
+    a buffer that the next batch reuses: consume it before asking for the next.
+    """
+    # Shape classes: (short, long, device, dtype) -> [(key, matrices, tall, ndim)]
+    classes: dict[tuple[int, int, torch.device, torch.dtype], list[tuple]] = {}
+    for key, shape, device, dtype, whole in specs:
+        rows, cols = shape[-2:]
+        count = shape[0] if len(shape) == 3 else 1
+        classes.setdefault((min(rows, cols), max(rows, cols), device, dtype), []).append(
+            (key, count, rows > cols, len(shape), whole))
     for (short, long, device, param_dtype), members in classes.items():
         capacity = max(1, max_batch_elements // (short * long))  # matrices per Newton–Schulz batch
-        for chunk in _chunks(members, capacity, [is_dtensor(p) for p in params]):
+        ndims = {key: ndim for key, _, _, ndim, _ in members}
+        for chunk in _chunks([(k, c, t) for k, c, t, _, _ in members], capacity,
+                             {k: w for k, _, _, _, w in members}):
             N = sum(e1 - e0 for _, e0, e1, _ in chunk)
             X = _buffer(workspace, "X", (N, short, long), ns_dtype, device)  # [N, short, long]
             start = 0
-            for i, e0, e1, tall in chunk:
-                slot = _slot(X, start, e1 - e0, tall, params[i].ndim)  # in the parameter's orientation
+            for key, e0, e1, tall in chunk:
+                fill(key, e0, e1, _slot(X, start, e1 - e0, tall, ndims[key]))  # in the tensor's orientation
                 start += e1 - e0
-                if is_dtensor(params[i]):
-                    slot.copy_(_full_input(params[i], g_local[i], m_local[i], nesterov_mu))
-                elif nesterov:
-                    torch.add(_rows(g_local[i], e0, e1), _rows(m_local[i], e0, e1), alpha=momentum, out=slot)
-                else:
-                    slot.copy_(_rows(m_local[i], e0, e1))
-            O = zeropower_via_newtonschulz(X, ns_steps, ns_coefficients, eps, workspace)
+            O = zeropower_via_newtonschulz(X, steps, coefficients, eps, workspace)
             if O.dtype != param_dtype:  # one cast per batch (a mixed-dtype add_ is ~7x slower on CPU)
                 O = _buffer(workspace, "cast", O.shape, param_dtype, device).copy_(O)
-            targets, updates = [], []
-            start = 0
-            for i, e0, e1, tall in chunk:
-                update = _slot(O, start, e1 - e0, tall, params[i].ndim)
+            out, start = [], 0
+            for key, e0, e1, tall in chunk:
+                out.append((key, e0, e1, _slot(O, start, e1 - e0, tall, ndims[key])))
                 start += e1 - e0
-                if is_dtensor(params[i]):
-                    targets.append(p_local[i])
-                    updates.append(_local_rows(update, params[i]))
-                else:
-                    targets.append(_rows(p_local[i], e0, e1))
-                    updates.append(update)
-            torch._foreach_add_(targets, updates, alpha=-lr * 0.2 * math.sqrt(long))
+            yield out
 
 
 def _buffer(workspace: dict | None, name: str, shape, dtype: torch.dtype,
@@ -203,10 +243,10 @@ def _buffer(workspace: dict | None, name: str, shape, dtype: torch.dtype,
     return kept[: shape[0]]
 
 
-def _chunks(members: list[tuple[int, int, bool]], capacity: int, whole: list[bool]):
+def _chunks(members: list[tuple[int, int, bool]], capacity: int, whole: dict[int, bool]):
     """Split a shape class into Newton–Schulz batches of at most `capacity` matrices; yields
-    lists of (param index, first matrix, end matrix, tall). A stacked tensor may span
-    batches; a DTensor is gathered whole, so it is never split."""
+    lists of (key, first matrix, end matrix, tall). A stacked tensor may span batches; a
+    DTensor is gathered whole, so it is never split."""
     chunk, size = [], 0
     for i, count, tall in members:
         e0 = 0
@@ -246,6 +286,124 @@ def _local_rows(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a full update, laid out as `param` is sharded."""
     full = full.contiguous()
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+# ---- distributed Muon: whole matrices, work spread over ranks ------------------------------
+
+def _whole_matrices(t: torch.Tensor) -> bool:
+    """A stacked [E, out, in] DTensor split only along E (FSDP2 or expert parallelism): its
+    local shard is whole matrices, orthogonalised where they are."""
+    return t.ndim == 3 and all(p.is_replicate() or (isinstance(p, Shard) and p.dim == 0)
+                               for p in t.placements)
+
+
+def _row_sharded(t: torch.Tensor) -> bool:
+    """A 2-D DTensor split in row blocks and/or replicated (FSDP2's Shard(0), HSDP) over a mesh
+    of every rank: the case `_owner_update` handles."""
+    return (t.ndim == 2 and all(p.is_replicate() or (type(p) is Shard and p.dim == 0) for p in t.placements)
+            and t.device_mesh.size() == dist.get_world_size())
+
+
+def _row_ranges(t: torch.Tensor) -> list[tuple[int, int, int, tuple[int, ...]]]:
+    """(rank, first row, end row, replica coordinates) of every rank's block of a row-sharded
+    DTensor, cut at torch.chunk boundaries as DTensor and FSDP2 cut them (a rank past the end
+    holds no rows)."""
+    ranks = t.device_mesh.mesh
+    out = []
+    for coord in itertools.product(*(range(n) for n in ranks.shape)):
+        start, length = 0, t.shape[0]
+        for dim, placement in enumerate(t.placements):
+            if placement.is_shard():
+                chunk = -(-length // ranks.shape[dim])
+                offset = min(coord[dim] * chunk, length)
+                start, length = start + offset, min(chunk, length - offset)
+        replica = tuple(c for c, p in zip(coord, t.placements) if p.is_replicate())
+        out.append((int(ranks[coord]), start, start + length, replica))
+    return out
+
+
+def _exchange(chunks: list[list[torch.Tensor]], recv_sizes: list[int], dtype: torch.dtype,
+              device: torch.device) -> list[torch.Tensor]:
+    """One all_to_all_single over all ranks: chunks[r] (flat tensors) go to rank r; returns the
+    flat buffer every rank sent here, recv_sizes[r] elements from rank r."""
+    send_sizes = [sum(c.numel() for c in cs) for cs in chunks]
+    flat = [c.to(dtype) for cs in chunks for c in cs]
+    send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes)
+    return list(recv.split(recv_sizes))
+
+
+def _owner_update(params: list[torch.Tensor], grads: list[torch.Tensor], momenta: list[torch.Tensor],
+                  locals_: list[torch.Tensor], nesterov_mu: float | None, lr: float, ns: dict) -> None:
+    """Distributed Muon for row-sharded matrices (K2_SPEC §2; Moonlight's ZeRO-1 scheme with the
+    Newton–Schulz work divided instead of repeated).
+
+    Every matrix gets one owner rank, largest first onto the rank with the least Newton–Schulz
+    work so far (all ranks compute the same assignment from the shapes). One all_to_all brings
+    each owner the row blocks of G + mu M of its matrices (from the holders in its own replica
+    group); the owner orthogonalises its whole matrices in shape-class batches; a second
+    all_to_all sends every rank, replicas included, the rows of the update it holds.
+    """
+    world, me = dist.get_world_size(), dist.get_rank()
+    device, ns_dtype = locals_[0].device, ns["ns_dtype"]
+    n = len(params)
+    load, owner = [0] * world, [0] * n
+    for i in sorted(range(n), key=lambda i: -newton_schulz_flops(params[i].shape)):
+        candidates = params[i].device_mesh.mesh.flatten().tolist()
+        owner[i] = min(candidates, key=lambda r: (load[r], r))
+        load[owner[i]] += newton_schulz_flops(params[i].shape)
+    ranges = [_row_ranges(p) for p in params]
+
+    # Gather: row blocks of U = G + mu M to the owners.
+    send: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    expect: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]  # (param, rows a:b) per source
+    for i in range(n):
+        owner_replica = next(rep for rank, _, _, rep in ranges[i] if rank == owner[i])
+        for rank, a, b, rep in ranges[i]:
+            if b <= a or rep != owner_replica:
+                continue
+            if rank == me:
+                u = momenta[i] if nesterov_mu is None else torch.add(grads[i], momenta[i], alpha=nesterov_mu)
+                send[owner[i]].append(u.flatten())
+            if owner[i] == me:
+                expect[rank].append((i, a, b))
+    sizes = [sum((b - a) * params[i].shape[1] for i, a, b in blocks) for blocks in expect]
+    full: dict[int, torch.Tensor] = {i: torch.empty(params[i].shape, dtype=ns_dtype, device=device)
+                                     for i in range(n) if owner[i] == me}
+    for blocks, buffer in zip(expect, _exchange(send, sizes, ns_dtype, device)):
+        offset = 0
+        for i, a, b in blocks:
+            size = (b - a) * params[i].shape[1]
+            full[i][a:b] = buffer[offset : offset + size].view(b - a, -1)
+            offset += size
+
+    # Orthogonalise this rank's share.
+    results: dict[int, torch.Tensor] = {}
+    specs = [(i, params[i].shape, device, locals_[i].dtype, False) for i in sorted(full)]
+    for batch in _orthogonalised(specs, lambda i, e0, e1, slot: slot.copy_(full[i]), **ns):
+        for i, _, _, update in batch:
+            results[i] = update.clone()
+
+    # Scatter: each rank's rows of every update, from the owner.
+    back: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    mine: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]  # (param, rows) per owner
+    for i in range(n):
+        for rank, a, b, _ in ranges[i]:
+            if b <= a:
+                continue
+            if owner[i] == me:
+                back[rank].append(results[i][a:b].flatten())
+            if rank == me:
+                mine[owner[i]].append((i, a, b))
+    sizes = [sum((b - a) * params[i].shape[1] for i, a, b in blocks) for blocks in mine]
+    for blocks, buffer in zip(mine, _exchange(back, sizes, locals_[0].dtype, device)):
+        offset = 0
+        for i, a, b in blocks:
+            size = (b - a) * params[i].shape[1]
+            update = buffer[offset : offset + size].view(b - a, -1).to(locals_[i].dtype)
+            locals_[i].add_(update, alpha=-lr * 0.2 * math.sqrt(max(params[i].shape)))
+            offset += size
 
 
 class Muon(torch.optim.Optimizer):

@@ -5,6 +5,10 @@
 RUN/ receives: tokenizer/ (trained on the corpus unless data.tokenizer names one),
 metrics.jsonl, checkpoints/, final/ (HF model folder with the tokenizer) and
 summary.json (losses, the unigram baseline, bits per byte).
+
+Under `torchrun --nproc_per_node N -m openk2 pretrain ...` the [parallel] section shards the
+model (train/distributed.py); rank 0 writes every file but the checkpoint shards, and final/
+is gathered from the shards.
 """
 
 from __future__ import annotations
@@ -16,26 +20,34 @@ from typing import Any
 
 import torch
 
-from openk2.config import ConfigError, preset
+from openk2.config import ConfigError, ModelConfig, preset
 from openk2.data.corpus import PackedLoader, bits_per_byte, build_datasets, iter_texts, unigram_loss
 from openk2.data.tokenizer import K2Tokenizer, train_tokenizer
 from openk2.model import K2ForCausalLM, build_model, load_model, save_model
 from openk2.optim import OptimConfig
 from openk2.recipe import model_overrides
+from openk2.train import distributed
 from openk2.train.trainer import TrainSettings, train
 
 
 class LoaderBatches:
-    """Adapts PackedLoader (rows only) to the trainer's (tokens, mask) micro-batches."""
+    """Adapts PackedLoader (rows only) to the trainer's (tokens, mask) micro-batches: each loader
+    batch is this rank's share of one step's global batch, split into micro-batches. The loader's
+    state is a global position, so a run resumes on any number of ranks."""
 
-    def __init__(self, loader: PackedLoader):
-        self.loader = loader
+    def __init__(self, loader: PackedLoader, micro_batch_size: int):
+        self.loader, self.micro_batch_size = loader, micro_batch_size
+        self._pending: list[torch.Tensor] = []
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, None]]:
         while True:
-            yield next(self.loader), None
+            if not self._pending:
+                self._pending = list(next(self.loader).split(self.micro_batch_size))
+            yield self._pending.pop(0), None
 
     def state_dict(self) -> dict[str, Any]:
+        if self._pending:
+            raise RuntimeError("LoaderBatches.state_dict() in the middle of a step")
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -57,6 +69,14 @@ def prepare_tokenizer(recipe: dict, run_dir: Path, log: Callable[[str], None], v
     return tokenizer
 
 
+def config_for(recipe: dict) -> ModelConfig:
+    """The model's configuration before the tokenizer fixes the vocabulary size."""
+    section = recipe["model"]
+    if section["init_from"]:
+        return ModelConfig.from_hf(section["init_from"])
+    return preset(section["preset"], **model_overrides(recipe))
+
+
 def model_for(recipe: dict, vocab_size: int, seed: int, device: str) -> K2ForCausalLM:
     """[model] init_from (an HF folder) or preset + overrides, sized to the tokenizer."""
     section = recipe["model"]
@@ -76,17 +96,42 @@ def model_for(recipe: dict, vocab_size: int, seed: int, device: str) -> K2ForCau
 
 def pretrain(recipe: dict, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
              show_progress: bool = True) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    world = distributed.world_size_from_env()
+    parallel = distributed.ParallelConfig.from_recipe(recipe, world, config_for(recipe).n_routed_experts)
+    if world == 1 and (recipe["parallel"]["dp_shard"] > 1 or recipe["parallel"]["ep"] > 1):
+        log("one process: parallel.dp_shard and parallel.ep apply under torchrun only")
+    mesh = distributed.init_distributed(parallel, recipe["train"]["device"]) if world > 1 else None
+    try:
+        return _pretrain(recipe, Path(run_dir), resume, log if mesh is None or mesh.rank == 0 else _quiet,
+                         show_progress, mesh, parallel)
+    finally:
+        if mesh is not None:
+            distributed.close_distributed()
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], None], show_progress: bool,
+              mesh: distributed.Mesh | None, parallel: distributed.ParallelConfig) -> dict[str, Any]:
+    rank0 = mesh is None or mesh.rank == 0
     settings = TrainSettings.from_recipe(recipe["train"])
     seed = recipe["train"]["seed"]
     if recipe["train"]["threads"]:
         torch.set_num_threads(recipe["train"]["threads"])
     torch.manual_seed(seed)
-    (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
     default_vocab = model_overrides(recipe).get("vocab_size") or preset(recipe["model"]["preset"]).vocab_size
-    tokenizer = prepare_tokenizer(recipe, run_dir, log, default_vocab)
+    if rank0:  # one rank trains the tokenizer; the others load it
+        tokenizer = prepare_tokenizer(recipe, run_dir, log, default_vocab)
+    if mesh is not None:
+        torch.distributed.barrier()
+        if not rank0:
+            tokenizer = prepare_tokenizer(recipe, run_dir, log, default_vocab)
     data = recipe["data"]
     train_rows, val_rows, info = build_datasets(
         data["source"], tokenizer, settings.seq_len, seed=seed, val_fraction=data["val_fraction"],
@@ -94,17 +139,35 @@ def pretrain(recipe: dict, run_dir: str | Path, resume: bool = False, log: Calla
     if info.skipped_lines:
         log(f"skipped {info.skipped_lines} malformed record(s)")
     log(f"data: {info.train.tokens:,} train tokens in {len(train_rows):,} rows, {info.val.tokens:,} validation tokens")
-    model = model_for(recipe, tokenizer.vocab_size, seed, settings.device)
+    model = model_for(recipe, tokenizer.vocab_size, seed, "cpu" if mesh is not None else settings.device)
+    parameters = sum(p.numel() for p in model.parameters())
     val_rows = val_rows[: settings.eval_batches * settings.micro_batch_size]
     val_batches = [(rows, None) for rows in val_rows.split(settings.micro_batch_size)]
-    batches = LoaderBatches(PackedLoader(train_rows, settings.micro_batch_size, seed=seed))
+    world, rank = (mesh.world_size, mesh.rank) if mesh is not None else (1, 0)
+    per_rank = settings.batch_size // world
+    settings.micro_batch_size = min(settings.micro_batch_size, per_rank)
+    if mesh is not None:
+        settings.device = str(mesh.device)
+        log(f"mesh: {world} ranks, dp_shard={mesh.dp_shard} (replicate {mesh.dp_replicate}), ep={mesh.ep}, "
+            f"{per_rank} sequences per rank per step")
+    distributed.parallelize(model, mesh, parallel.activation_checkpointing)
+    batches = LoaderBatches(PackedLoader(train_rows, per_rank, seed=seed, rank=rank, world_size=world),
+                            settings.micro_batch_size)
 
     def save_final(trained: K2ForCausalLM) -> None:
-        save_model(trained, run_dir / "final")
-        tokenizer.save(run_dir / "final")
+        if mesh is None:
+            save_model(trained, run_dir / "final")
+            tokenizer.save(run_dir / "final")
+            return
+        full = distributed.full_model_state(trained)
+        if rank0:
+            plain = build_model(trained.config, device="meta")
+            plain.load_state_dict(full, assign=True)
+            save_model(plain, run_dir / "final")
+            tokenizer.save(run_dir / "final")
 
     summary = train(run_dir, model, OptimConfig.from_dict(recipe["optim"]), settings, batches, val_batches,
-                    resume=resume, log=log, on_final=save_final, show_progress=show_progress)
+                    resume=resume, log=log, on_final=save_final, show_progress=show_progress, mesh=mesh)
     baseline = unigram_loss(train_rows, val_rows, tokenizer.vocab_size)
     summary.update(
         unigram_val_loss=baseline,
@@ -112,7 +175,8 @@ def pretrain(recipe: dict, run_dir: str | Path, resume: bool = False, log: Calla
         val_bits_per_byte=(bits_per_byte(summary["val_loss"], info.val.tokens, info.val.bytes)
                            if summary["val_loss"] is not None else None),
         train_tokens_available=info.train.tokens,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=parameters,
     )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if rank0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -5,6 +5,10 @@ One optimizer step = `batch_size / micro_batch_size` micro-batches of next-token
 router-bias update). Every step appends a line to RUN/metrics.jsonl; every
 `checkpoint_every` steps an atomic checkpoint lands in RUN/checkpoints/; `resume=True`
 continues from the newest checkpoint that verifies, bit for bit on CPU.
+
+Distributed (`mesh`, see train/distributed.py): every rank runs this loop on its own share of
+each step's batch; losses are normalised by the global target count, logged values are summed
+over ranks, and rank 0 alone writes metrics.jsonl and shows progress.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from openk2.model import K2ForCausalLM
 from openk2.optim import build_optimizer, lr_at, OptimConfig
 from openk2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from openk2.train.distributed import Mesh, clip_grad_norm_
 from openk2.train.metrics import MetricsLog, progress_bar
 
 
@@ -94,9 +99,14 @@ def train(
     log: Callable[[str], None] = print,
     on_final: Callable[[K2ForCausalLM], None] | None = None,
     show_progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> dict[str, Any]:
-    """Run the loop; returns a summary (final step, last loss, last val_loss, tokens, seconds)."""
+    """Run the loop; returns a summary (final step, last loss, last val_loss, tokens, seconds).
+    `settings.batch_size` is global: with a mesh, each rank draws its accumulation // world
+    micro-batches per step."""
     run_dir = Path(run_dir)
+    world = mesh.world_size if mesh is not None else 1
+    rank0 = mesh is None or mesh.rank == 0
     device = settings.device
     optimizer = build_optimizer(model, optim_config)
     start_step, tokens_seen = 0, 0
@@ -108,19 +118,22 @@ def train(
         batches.load_state_dict(state["data"])
         start_step, tokens_seen = state["step"], state["tokens"]
         log(f"resumed from {resume_from} (step {start_step})")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_from else None,
+                         enabled=rank0)
     stream = iter(batches)
     summary: dict[str, Any] = {"step": start_step, "loss": None, "val_loss": None, "tokens": tokens_seen}
     started = time.perf_counter()
     model.train()
-    with progress_bar(disable=not show_progress) as progress:
+    with progress_bar(disable=not show_progress or not rank0) as progress:
         task = progress.add_task("train", total=settings.steps, completed=start_step, status="")
         for step in range(start_step + 1, settings.steps + 1):
             step_start = time.perf_counter()
             lr = lr_at(optim_config, step - 1, settings.steps)
             optimizer.set_lr(lr)
-            micro = [next(stream) for _ in range(settings.accumulation)]
+            micro = [next(stream) for _ in range(settings.accumulation // world)]
             step_targets = sum(_target_count(tokens, mask) for tokens, mask in micro)
+            if mesh is not None:
+                step_targets = int(mesh.all_reduce_sum([step_targets])[0])
             model.reset_stats()
             total_loss = 0.0
             for tokens, mask in micro:
@@ -133,12 +146,16 @@ def train(
                     objective = objective + aux / settings.accumulation
                 objective.backward()
                 total_loss += loss.item()
+            if mesh is not None:
+                total_loss = mesh.all_reduce_sum([total_loss])[0]
             grad_norm = None
-            if settings.max_grad_norm > 0:
+            if settings.max_grad_norm > 0 and mesh is not None:
+                grad_norm = clip_grad_norm_(model, settings.max_grad_norm)
+            elif settings.max_grad_norm > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
             stats = optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += sum(t.shape[0] * (t.shape[1] - 1) for t, _ in micro)
+            tokens_seen += world * sum(t.shape[0] * (t.shape[1] - 1) for t, _ in micro)
             elapsed = time.perf_counter() - step_start
             record: dict[str, Any] = {
                 "step": step,
