@@ -132,3 +132,11 @@ def test_cli_reports_bad_data(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "bad.jsonl:2" in result.stdout + result.stderr
+
+
+def test_bfloat16_autocast(tmp_path, corpus):
+    run = tmp_path / "bf16"
+    run_pretrain(run, corpus, "train.steps=3", "train.checkpoint_every=0", "train.dtype=bfloat16")
+    records = read_metrics(run / "metrics.jsonl")
+    assert len(records) == 3 and all(r["loss"] == r["loss"] for r in records)
+    assert records[-1]["loss"] < records[0]["loss"] + 0.5

@@ -32,7 +32,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "keep_checkpoints": 2,
         "eval_every": 100,
         "eval_batches": 8,
-        "log_every": 1,
         "dtype": "float32",
         "threads": 0,
         "device": "cpu",

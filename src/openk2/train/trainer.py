@@ -13,6 +13,7 @@ over ranks, and rank 0 alone writes metrics.jsonl and shows progress.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from openk2.config import ConfigError
 from openk2.model import K2ForCausalLM
 from openk2.optim import build_optimizer, lr_at, OptimConfig
 from openk2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -48,9 +50,18 @@ class TrainSettings:
     keep_checkpoints: int = 2
     eval_every: int = 100
     eval_batches: int = 8
-    log_every: int = 1
     max_grad_norm: float = 0.0
     device: str = "cpu"
+    dtype: str = "float32"  # "bfloat16": forward under autocast (weights and optimizer stay float32)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.dtype={self.dtype!r}: use float32 or bfloat16")
+
+    def autocast(self):
+        """The forward's precision context: bf16 autocast, or nothing for float32."""
+        device_type = torch.device(self.device).type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
 
     @classmethod
     def from_recipe(cls, train: dict[str, Any]) -> "TrainSettings":
@@ -74,13 +85,15 @@ def next_token_loss(model: K2ForCausalLM, tokens: torch.Tensor, mask: torch.Tens
 
 
 @torch.no_grad()
-def evaluate(model: K2ForCausalLM, batches: list[tuple[torch.Tensor, torch.Tensor | None]], device: str) -> float:
+def evaluate(model: K2ForCausalLM, batches: list[tuple[torch.Tensor, torch.Tensor | None]], device: str,
+             autocast=contextlib.nullcontext) -> float:
     """Mean next-token loss (nats/token) over fixed validation micro-batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for tokens, mask in batches:
-        loss, n = next_token_loss(model, tokens.to(device), None if mask is None else mask.to(device))
+        with autocast():
+            loss, n = next_token_loss(model, tokens.to(device), None if mask is None else mask.to(device))
         total += loss.item()
         count += n
     model.reset_stats()
@@ -139,7 +152,8 @@ def train(
             for tokens, mask in micro:
                 tokens = tokens.to(device)
                 mask = None if mask is None else mask.to(device)
-                loss, _ = next_token_loss(model, tokens, mask)
+                with settings.autocast():
+                    loss, _ = next_token_loss(model, tokens, mask)
                 objective = loss / step_targets
                 aux = model.aux_loss()
                 if aux is not None:
@@ -172,7 +186,7 @@ def train(
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
-                record["val_loss"] = evaluate(model, val_batches, device)
+                record["val_loss"] = evaluate(model, val_batches, device, settings.autocast)
                 summary["val_loss"] = record["val_loss"]
             metrics.write(record)
             summary.update(step=step, loss=record["loss"], tokens=tokens_seen)
