@@ -95,7 +95,7 @@ class Experts(nn.Module):
             h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
             outputs.append((h * g) @ self.down_proj[e].T)
         y = torch.cat(outputs) if outputs else xs.new_zeros(0, x.shape[1])
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return y.new_zeros(x.shape).index_add_(0, token, y)
 
 
 class MoE(nn.Module):
