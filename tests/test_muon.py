@@ -12,14 +12,6 @@ from openk2.optim.muon import NS_COEFFICIENTS
 LR, WD = 0.02, 0.1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread adds only synchronisation, which stalls badly when
-    another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

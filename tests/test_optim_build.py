@@ -15,14 +15,6 @@ from openk2.optim import NonFiniteError, OptimConfig, build_optimizer, classify_
 from openk2.optim.schedule import cosine_lr, wsd_lr
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread adds only synchronisation, which stalls badly when
-    another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(**overrides):

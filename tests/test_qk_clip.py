@@ -11,14 +11,6 @@ from openk2.optim import OptimConfig, build_optimizer, scale_rows_, update_route
 TAU = 100.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: a second thread adds only synchronisation, which stalls badly when
-    another process holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def one_layer_model(q_lora: bool):

@@ -19,14 +19,6 @@ from openk2.infer.server import BackgroundServer, create_app, load_engine
 VOCAB = 640
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Single-threaded kernels: these models are tiny, and two OpenMP threads on a shared 2-core
-    machine mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 API_KEY = "test-key"
