@@ -1,6 +1,8 @@
 """Training-step throughput: openk2 vs transformers' DeepseekV3, same weights, one run.
 
-A step is forward + backward + AdamW on a batch of 8 x 256 tokens in float32. For
+A step is forward + backward + AdamW on a batch of 8 x 256 tokens in float32, with each
+side's own training loss (openk2: the trainer's LM head fused with the cross-entropy;
+transformers: logits then F.cross_entropy). For
 transformers every experts/attention implementation that runs on CPU is timed and the
 fastest is the reference. Also printed: achieved GFLOP/s against an fp32 matmul ceiling
 measured in the same run, and the cost of openk2's MoE dispatch (routing, sort, gather,
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from openk2 import build_model, param_counts, preset, save_model
+from openk2.train.trainer import next_token_loss
 
 BATCH, SEQ = 8, 256
 
@@ -50,15 +53,25 @@ def step_flops(config) -> float:
     return 3 * (2 * matmul_params * tokens + attention)
 
 
-def time_steps(model, forward, steps: int) -> float:
+def openk2_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """openk2's training loss (train.trainer.next_token_loss: LM head fused with the loss)."""
+    loss, count = next_token_loss(model, ids, None)
+    return loss / count
+
+
+def transformers_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def time_steps(model, loss_fn, steps: int) -> float:
     """Median seconds of a forward + backward + AdamW step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ + 1), generator=g)
 
     def one() -> None:
-        logits = forward(model, ids[:, :-1])
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        loss_fn(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -96,7 +109,7 @@ def bench_preset(name: str, steps: int, ceiling: float) -> list[dict]:
     config = preset(name)
     model = build_model(config, seed=0)
     rows = []
-    ours = time_steps(model, lambda m, x: m(x), steps)
+    ours = time_steps(model, openk2_loss, steps)
     flops = step_flops(config)
     rows.append({"preset": name, "impl": "openk2", "seconds": ours, "flops": flops})
     dispatch = dispatch_seconds(model, steps)
@@ -112,7 +125,7 @@ def bench_preset(name: str, steps: int, ceiling: float) -> list[dict]:
                 except (TypeError, ValueError) as e:
                     print(f"  transformers {experts_impl}/{attn_impl}: unavailable ({e})")
                     continue
-                seconds = time_steps(hf, lambda m, x: m(x).logits, max(2, steps // 2))
+                seconds = time_steps(hf, transformers_loss, max(2, steps // 2))
                 print(f"  transformers experts={experts_impl} attention={attn_impl}: {seconds * 1e3:,.0f} ms/step")
                 if best is None or seconds < best["seconds"]:
                     best = {"preset": name, "impl": f"transformers ({experts_impl}, {attn_impl})",

@@ -102,18 +102,23 @@ class MLAttention(nn.Module):
     @torch.no_grad()
     def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor) -> None:
         """max over batch and causal (i >= j) pairs of q_i . k_j * scale, per head."""
-        B, H, T, _ = q.shape
+        B, H, T, D = q.shape
         # Blocks of whole sequences, or of query rows of one sequence, bound the logit buffer.
         seqs = max(1, min(B, _MAX_LOGIT_BLOCK // (H * T * T)))
         rows = T if seqs > 1 else max(1, min(T, _MAX_LOGIT_BLOCK // (H * T)))
         positions = torch.arange(T, device=q.device)
+        # -inf above the diagonal, added inside the matmul (baddbmm) rather than in a second pass.
+        future = torch.zeros(T, T, device=q.device, dtype=q.dtype).masked_fill_(
+            positions[None, :] > positions[:, None], float("-inf"))
         head_max = torch.full((H,), float("-inf"), device=q.device)
         for b in range(0, B, seqs):
+            n = min(seqs, B - b)
             for start in range(0, T, rows):
-                logits = torch.matmul(q[b : b + seqs, :, start : start + rows], k[b : b + seqs].transpose(-1, -2))
-                future = positions[None, :] > positions[start : start + rows, None]
-                logits = logits.float().masked_fill_(future, float("-inf"))
-                head_max = torch.maximum(head_max, logits.amax(dim=(0, 2, 3)) * self.softmax_scale)
+                end = min(T, start + rows)
+                qb = q[b : b + n, :, start:end].reshape(n * H, end - start, D)
+                kb = k[b : b + n].reshape(n * H, T, D)
+                logits = torch.baddbmm(future[start:end], qb, kb.transpose(-1, -2))
+                head_max = torch.maximum(head_max, logits.view(n, H, -1).float().amax(dim=(0, 2)) * self.softmax_scale)
         torch.maximum(self.max_logits, head_max, out=self.max_logits)
 
     def reset_max_logits(self) -> None:

@@ -88,12 +88,15 @@ class Experts(nn.Module):
         xs = x.index_select(0, token)  # [N*K, D]
         gate_weight = weights.flatten()[order, None].to(x.dtype)
         sizes = counts.tolist()
+        # unbind once: indexing the stacked weights per expert would make the backward build a
+        # full-size zero gradient for every expert (O(E^2) memory traffic); unbind's is one stack.
+        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         outputs = []
         for e, (chunk, g) in enumerate(zip(xs.split(sizes), gate_weight.split(sizes))):
             if chunk.shape[0] == 0:
                 continue
-            h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
-            outputs.append((h * g) @ self.down_proj[e].T)
+            h = F.silu(chunk @ gates[e].T) * (chunk @ ups[e].T)
+            outputs.append((h * g) @ downs[e].T)
         y = torch.cat(outputs) if outputs else xs.new_zeros(0, x.shape[1])
         return y.new_zeros(x.shape).index_add_(0, token, y)
 

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from openk2.config import ConfigError
 from openk2.model import K2ForCausalLM
 from openk2.optim import build_optimizer, lr_at, OptimConfig
+from openk2.optim.muon import is_dtensor
 from openk2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from openk2.train.distributed import Mesh, clip_grad_norm_
+from openk2.train.loss import IGNORE, linear_cross_entropy
 from openk2.train.metrics import MetricsLog, progress_bar
 
 
@@ -74,14 +76,18 @@ class TrainSettings:
 
 def next_token_loss(model: K2ForCausalLM, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of predicting tokens[:, 1:] (where mask[:, 1:]) and the target count."""
-    logits = model(tokens[:, :-1])
     targets = tokens[:, 1:]
     if mask is not None:
-        targets = targets.masked_fill(~mask[:, 1:], -100)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-    count = int((targets != -100).sum()) if mask is not None else targets.numel()
-    return loss, count
+        targets = targets.masked_fill(~mask[:, 1:], IGNORE)
+    count = int((targets != IGNORE).sum()) if mask is not None else targets.numel()
+    head = model.lm_head.weight
+    if is_dtensor(head):  # FSDP-sharded head: its module's forward gathers the weight
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+        return loss, count
+    hidden = model.model(tokens[:, :-1])
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1)), count
 
 
 @torch.no_grad()
