@@ -24,53 +24,15 @@ the machine may be shared: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import math
-import platform
-import subprocess
 import time
 
 import torch
 import torch.optim._muon as torch_muon
+from common import CEILING_N, best_of, cpu_name, gflops_of_matmul, matmul
 
 import openk2
 from openk2.optim import OptimConfig, build_optimizer, classify_parameters, newton_schulz_flops
 from openk2.optim import zeropower_via_newtonschulz
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def best_of(fns: dict, repeats: int, warmup: int = 2) -> dict:
-    """Best (minimum) seconds of each fn over `repeats` rounds after `warmup` rounds. The
-    contenders run round-robin, so load from other processes hits them alike, and the minimum
-    is the least disturbed run."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    best = {name: math.inf for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-CEILING_N = 2048  # the square matmul that sets the ceiling
-
-
-def matmul(dtype: torch.dtype):
-    a, b = torch.randn(CEILING_N, CEILING_N, dtype=dtype), torch.randn(CEILING_N, CEILING_N, dtype=dtype)
-    out = torch.empty(CEILING_N, CEILING_N, dtype=dtype)
-    return lambda: torch.mm(a, b, out=out)
 
 
 def make_model(name: str):
@@ -175,7 +137,7 @@ def bench_preset(name: str, repeats: int, ceilings: dict[str, float]) -> list[li
     rounds = 2 * repeats if name == "tiny" else max(2, repeats // 2)
     best = best_of(contenders, rounds, warmup=1 if name != "tiny" else 2)
     for dtype in ("float32", "bfloat16"):
-        ceilings[dtype] = max(ceilings.get(dtype, 0.0), 2 * CEILING_N**3 / best[f"mm {dtype}"] / 1e9)
+        ceilings[dtype] = max(ceilings.get(dtype, 0.0), gflops_of_matmul(best[f"mm {dtype}"]))
 
     def ms(seconds: float) -> str:
         return f"{seconds * 1e3:,.1f}"

@@ -2,11 +2,14 @@
 
 A step is forward + backward + AdamW on a batch of 8 x 256 tokens in float32, with each
 side's own training loss (openk2: the trainer's LM head fused with the cross-entropy;
-transformers: logits then F.cross_entropy). For
-transformers every experts/attention implementation that runs on CPU is timed and the
-fastest is the reference. Also printed: achieved GFLOP/s against an fp32 matmul ceiling
-measured in the same run, and the cost of openk2's MoE dispatch (routing, sort, gather,
-scatter; forward + backward, all MoE layers) on its own.
+transformers: logits then F.cross_entropy). For transformers every experts/attention
+implementation that runs on CPU is timed for one step after a warm-up one, and the fastest is
+the reference (`batched_mm`, which gathers a weight copy per routed token, is skipped where that
+copy would not fit in a few GiB). openk2 and the reference then run alternately, step by step,
+and each side's fastest step is reported (its median beside it), so both see the same machine
+load. Also printed: achieved GFLOP/s against an fp32 matmul ceiling measured in the same run,
+and the cost of openk2's MoE dispatch (routing, sort, gather, scatter; forward + backward, all
+MoE layers) on its own.
 
     python benchmarks/train_step.py [--presets tiny small] [--steps 5]
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,23 +25,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import best_of, cpu_name, gflops_of_matmul, matmul, rounds, timed
+
 from openk2 import build_model, param_counts, preset, save_model
 from openk2.train.trainer import next_token_loss
 
 BATCH, SEQ = 8, 256
-
-
-def ceiling_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def step_flops(config) -> float:
@@ -64,8 +55,8 @@ def transformers_loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def time_steps(model, loss_fn, steps: int) -> float:
-    """Median seconds of a forward + backward + AdamW step."""
+def step_fn(model, loss_fn):
+    """A forward + backward + AdamW step on a fixed batch, warmed up once."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ + 1), generator=g)
@@ -76,15 +67,13 @@ def time_steps(model, loss_fn, steps: int) -> float:
         opt.zero_grad(set_to_none=True)
 
     one()
-    return statistics.median(_timed(one) for _ in range(steps))
+    return one
 
 
-def dispatch_seconds(model, steps: int) -> float:
-    """Routing + sort + gather + scatter of every MoE layer, forward and backward, with the
+def dispatch_step(model):
+    """One pass of routing + sort + gather + scatter of every MoE layer, forward and backward, with the
     expert SwiGLUs replaced by the identity."""
     layers = list(model.moe_layers())
-    if not layers:
-        return 0.0
     D = model.config.hidden_size
     x = torch.randn(BATCH * SEQ, D, requires_grad=True)
 
@@ -97,51 +86,70 @@ def dispatch_seconds(model, steps: int) -> float:
             token = order // K
             ys = x[token] * weights.flatten()[order, None]
             total = total + torch.zeros_like(x).index_add_(0, token, ys).sum()
-        total.backward()
+        if layers:
+            total.backward()
 
     one()
-    return statistics.median(_timed(one) for _ in range(steps))
+    return one
+
+
+def batched_mm_bytes(config) -> int:
+    """Memory of the per-token expert weight copies transformers' batched_mm gathers (forward
+    copy and its gradient)."""
+    pairs = BATCH * SEQ * config.num_experts_per_tok
+    return 2 * pairs * 3 * config.moe_intermediate_size * config.hidden_size * 4
+
+
+def pick_transformers(folder: str, config):
+    """The fastest of transformers' experts/attention implementations, by one step each after a warm-up."""
+    import transformers
+
+    best = None
+    for experts_impl in ("eager", "grouped_mm", "batched_mm"):
+        if experts_impl == "batched_mm" and batched_mm_bytes(config) > 4 << 30:
+            print(f"  transformers experts=batched_mm: skipped, its per-token weight copies need "
+                  f"{batched_mm_bytes(config) / 2**30:,.0f} GiB")
+            continue
+        for attn_impl in ("sdpa", "eager"):
+            try:
+                hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
+                    folder, dtype=torch.float32, attn_implementation=attn_impl,
+                    experts_implementation=experts_impl)
+            except (TypeError, ValueError) as e:
+                print(f"  transformers {experts_impl}/{attn_impl}: unavailable ({e})")
+                continue
+            step = step_fn(hf, transformers_loss)
+            seconds = timed(step)
+            print(f"  transformers experts={experts_impl} attention={attn_impl}: {seconds * 1e3:,.0f} ms/step")
+            if best is None or seconds < best[0]:
+                best = (seconds, f"transformers ({experts_impl}, {attn_impl})", step)
+            del hf, step
+    return best[1], best[2]
 
 
 def bench_preset(name: str, steps: int, ceiling: float) -> list[dict]:
-    import transformers
-
     config = preset(name)
     model = build_model(config, seed=0)
-    rows = []
-    ours = time_steps(model, openk2_loss, steps)
     flops = step_flops(config)
-    rows.append({"preset": name, "impl": "openk2", "seconds": ours, "flops": flops})
-    dispatch = dispatch_seconds(model, steps)
     with tempfile.TemporaryDirectory() as folder:
         save_model(model, folder)
-        best = None
-        for experts_impl in ("eager", "grouped_mm", "batched_mm"):
-            for attn_impl in ("sdpa", "eager"):
-                try:
-                    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
-                        folder, dtype=torch.float32, attn_implementation=attn_impl,
-                        experts_implementation=experts_impl)
-                except (TypeError, ValueError) as e:
-                    print(f"  transformers {experts_impl}/{attn_impl}: unavailable ({e})")
-                    continue
-                seconds = time_steps(hf, transformers_loss, max(2, steps // 2))
-                print(f"  transformers experts={experts_impl} attention={attn_impl}: {seconds * 1e3:,.0f} ms/step")
-                if best is None or seconds < best["seconds"]:
-                    best = {"preset": name, "impl": f"transformers ({experts_impl}, {attn_impl})",
-                            "seconds": seconds, "flops": flops}
-    rows.append(best)
+        label, reference = pick_transformers(folder, config)
+        times = rounds({"openk2": step_fn(model, openk2_loss), label: reference}, steps)
+    rows = [{"impl": impl, "seconds": min(t), "median": statistics.median(t)} for impl, t in times.items()]
+    one_dispatch = dispatch_step(model)
+    dispatch = min(timed(one_dispatch) for _ in range(steps))
     tokens = BATCH * SEQ
     print(f"\n{name}: {param_counts(config)['total'] / 1e6:.1f}M parameters, "
-          f"{flops / 1e9:.1f} GFLOP/step, batch {BATCH} x {SEQ}")
-    print(f"{'implementation':<42}{'ms/step':>10}{'tokens/s':>11}{'GFLOP/s':>10}{'% ceiling':>11}")
+          f"{flops / 1e9:.1f} GFLOP/step, batch {BATCH} x {SEQ}, {steps} alternating steps each")
+    print(f"{'implementation':<36}{'ms/step':>9}{'(median)':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'% ceiling':>11}")
     for row in rows:
-        gflops = row["flops"] / row["seconds"] / 1e9
-        print(f"{row['impl']:<42}{row['seconds'] * 1e3:>10,.0f}{tokens / row['seconds']:>11,.0f}"
-              f"{gflops:>10,.1f}{100 * gflops / ceiling:>10.0f}%")
-    print(f"openk2 / transformers tokens/s: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x")
+        gflops = flops / row["seconds"] / 1e9
+        print(f"{row['impl']:<36}{row['seconds'] * 1e3:>9,.0f}{row['median'] * 1e3:>10,.0f}"
+              f"{tokens / row['seconds']:>10,.0f}{gflops:>9,.1f}{100 * gflops / ceiling:>10.0f}%")
+    print(f"openk2 / transformers tokens/s: {rows[1]['seconds'] / rows[0]['seconds']:.2f}x "
+          f"(medians: {rows[1]['median'] / rows[0]['median']:.2f}x)")
     print(f"openk2 MoE dispatch (route, sort, gather, scatter; fwd+bwd): {dispatch * 1e3:,.1f} ms/step "
-          f"= {100 * dispatch / ours:.0f}% of the step")
+          f"= {100 * dispatch / rows[0]['seconds']:.0f}% of the step")
     return rows
 
 
@@ -154,9 +162,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    ceiling = ceiling_gflops()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    ceiling = gflops_of_matmul(best_of({"mm": matmul()}, 5)["mm"])
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"fp32 matmul ceiling (2048^3): {ceiling:,.1f} GFLOP/s")
     for name in args.presets:
         bench_preset(name, args.steps, ceiling)
