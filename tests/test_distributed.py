@@ -172,6 +172,7 @@ def test_plan_for_the_k2_and_moonlight_recipes():
     assert 15 * 2**30 < memory["parameters"] < 21 * 2**30
     assert memory["gradients"] == memory["parameters"]
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert memory["loss"] == (2 + 8) * 163840 * 4096  # bf16 logits + fp32 log-softmax, 4k tokens
     moonlight = plan_memory(load_recipe(ROOT / "recipes/moonlight.toml"), 8)
     assert 15e9 < moonlight["parameters"] < 17e9 and moonlight["bytes_per_gpu"]["total"] < 80 * 2**30
     with pytest.raises(ConfigError, match="parallel.dp_shard=256 does not divide the world size 100"):

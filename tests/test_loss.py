@@ -6,13 +6,14 @@ from openk2.train.loss import IGNORE, linear_cross_entropy
 
 
 @pytest.mark.parametrize("rows, vocab", [(7, 50), (300, 4096), (1, 3)])
-def test_matches_cross_entropy_and_its_gradients(rows, vocab):
+@pytest.mark.parametrize("recompute", [False, True, None])
+def test_matches_cross_entropy_and_its_gradients(rows, vocab, recompute):
     g = torch.Generator().manual_seed(rows)
     hidden = torch.randn(rows, 16, generator=g, requires_grad=True)
     weight = torch.randn(vocab, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, vocab, (rows,), generator=g)
     targets[::3] = IGNORE
-    ours = linear_cross_entropy(hidden, weight, targets)
+    ours = linear_cross_entropy(hidden, weight, targets, recompute=recompute)
     (ours * 0.5).backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None

@@ -2,12 +2,21 @@
 
 loss = sum_i [logsumexp(h_i W^T) - (h_i W^T)[y_i]] over rows whose target is not ignored.
 
-The gradient of a summed cross-entropy with respect to the logits is softmax - onehot, known
-as soon as the forward has the logits, so the forward computes it chunk by chunk and turns it
-into the gradients of the hidden states and of the head right away. The full [tokens, vocab]
-logits never exist (K2's vocabulary is 163,840: 2.7 GB of float32 logits per 4k-token
-sequence), and each chunk's elementwise passes stay in cache. Without grad (evaluation) only
-the loss is computed.
+The full [tokens, vocab] logits never exist (K2's vocabulary is 163,840: 2.7 GB of float32
+logits per 4k-token sequence); each chunk's elementwise passes stay in cache. Two ways to get
+the gradients, chosen per call by which holds less memory:
+
+- in the forward (tokens >= hidden size, e.g. every CPU run): the gradient of a summed
+  cross-entropy with respect to the logits, softmax - onehot, is known as soon as the forward
+  has a chunk's logits, so the forward turns it into the hidden-state and head gradients right
+  away and the backward only scales them. Three head matmuls, no recomputation; holds a [V, D]
+  head gradient from the forward to the backward.
+- recomputed in the backward (hidden size > tokens, e.g. K2's 7,168 against a 4,096-token
+  micro-batch, where that [V, D] gradient would outweigh the logits themselves): the forward
+  keeps one log-sum-exp per row, and the backward recomputes each chunk's logits. Four head
+  matmuls; holds nothing vocabulary-sized between forward and backward.
+
+Without grad (evaluation) only the loss is computed.
 """
 
 from __future__ import annotations
@@ -17,34 +26,57 @@ import torch
 IGNORE = -100
 
 
-def _chunk_rows(vocab: int) -> int:
+def chunk_rows(vocab: int) -> int:
     """Rows per chunk: about 16 MiB of float32 logits (big enough for efficient matmuls)."""
     return max(128, (1 << 22) // max(vocab, 1))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+def recomputes(rows: int, hidden_size: int) -> bool:
+    """Whether a call over `rows` rows recomputes the logits in the backward: when the [V, D]
+    head gradient the other way holds would outweigh the [rows, V] logits."""
+    return hidden_size > rows
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
+    """float32 logits of one chunk, which rows count, their clamped targets and target logits."""
+    logits = (h @ weight.T).float()  # [n, V]
+    valid = t != IGNORE
+    safe = t.clamp(min=0)
+    return logits, valid, safe, logits.gather(1, safe[:, None]).squeeze(1)
+
+
+def _softmax_minus_onehot(probs: torch.Tensor, norm: torch.Tensor, valid: torch.Tensor,
+                          safe: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """d loss / d logits of a chunk, in place: probs holds exp(logits - shift), norm its row sum."""
+    probs.mul_(valid[:, None] * scale / norm)  # softmax, zero on ignored rows
+    probs.scatter_add_(1, safe[:, None], -(valid[:, None] * scale).to(probs.dtype))
+    return probs
+
+
+def _head_grads(d_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_hidden: torch.Tensor,
+                grad_weight: torch.Tensor, rows: slice) -> None:
+    """Chunk gradient of the logits -> rows of the hidden-state gradient, summed into the head's."""
+    d_logits = d_logits.to(h.dtype) if h.dtype != torch.float32 else d_logits
+    grad_hidden[rows] = d_logits @ weight.to(d_logits.dtype)
+    grad_weight.addmm_(d_logits.T.float(), h.float())
+
+
+class _GradientsInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = _chunk_rows(weight.shape[0])
+        rows = chunk_rows(weight.shape[0])
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
-            h = hidden[start : start + rows]
-            t = targets[start : start + rows]
-            logits = (h @ weight.T).float()  # [n, V]
-            valid = t != IGNORE
-            safe = t.clamp(min=0)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            chunk = slice(start, start + rows)
+            logits, valid, safe, picked = _chunk_logits(hidden[chunk], weight, targets[chunk])
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # unnormalised softmax, in place: one exp pass
             norm = probs.sum(dim=-1, keepdim=True)
             total += ((top.squeeze(1) + norm.log().squeeze(1) - picked) * valid).sum()
-            probs.mul_(valid[:, None] / norm)  # softmax, zero on ignored rows
-            probs.scatter_add_(1, safe[:, None], -valid[:, None].to(probs.dtype))
-            probs = probs.to(h.dtype) if h.dtype != torch.float32 else probs
-            grad_hidden[start : start + rows] = probs @ weight.to(probs.dtype)
-            grad_weight.addmm_(probs.T.float(), h.float())
+            _head_grads(_softmax_minus_onehot(probs, norm, valid, safe), hidden[chunk], weight,
+                        grad_hidden, grad_weight, chunk)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
@@ -54,19 +86,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of logits hidden @ weight.T against targets (IGNORE = -100 skipped).
+class _GradientsRecomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = _summed_loss(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        return total
 
-    hidden [N, D], weight [V, D], targets [N] -> scalar float32.
-    """
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets)
-    rows = _chunk_rows(weight.shape[0])
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        rows = chunk_rows(weight.shape[0])
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            logits, valid, safe, _ = _chunk_logits(hidden[chunk], weight, targets[chunk])
+            probs = logits.sub_(lse[chunk, None]).exp_()  # already normalised
+            d_logits = _softmax_minus_onehot(probs, probs.new_ones(()), valid, safe, grad_output.float())
+            _head_grads(d_logits, hidden[chunk], weight, grad_hidden, grad_weight, chunk)
+        return grad_hidden, grad_weight.to(weight.dtype), None
+
+
+def _summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 lse: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss alone, chunk by chunk; fills `lse` with each row's log-sum-exp when given."""
+    rows = chunk_rows(weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
-        logits = (hidden[start : start + rows] @ weight.T).float()
-        t = targets[start : start + rows]
-        valid = t != IGNORE
-        picked = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-        total += ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
+        chunk = slice(start, start + rows)
+        logits, valid, _, picked = _chunk_logits(hidden[chunk], weight, targets[chunk])
+        row_lse = torch.logsumexp(logits, dim=-1)
+        if lse is not None:
+            lse[chunk] = row_lse
+        total += ((row_lse - picked) * valid).sum()
     return total
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         recompute: bool | None = None) -> torch.Tensor:
+    """Summed cross-entropy of logits hidden @ weight.T against targets (IGNORE = -100 skipped).
+
+    hidden [N, D], weight [V, D], targets [N] -> scalar float32. `recompute` picks how the
+    gradients are made (module docstring); None chooses by memory (`recomputes`).
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if recompute is None:
+            recompute = recomputes(hidden.shape[0], hidden.shape[1])
+        return (_GradientsRecomputed if recompute else _GradientsInForward).apply(hidden, weight, targets)
+    return _summed_loss(hidden, weight, targets)

@@ -18,7 +18,12 @@ blocks), expert tensors split over ep ranks and then over edp_shard ranks. Per G
                per-token terms below, measured on this code (tests/test_distributed.py checks
                the estimate against saved_tensors_hooks); "full" checkpointing keeps the layer
                inputs plus one layer's activations during its recomputation
-  logits       lm_head output and the fp32 log-softmax of the loss, for the micro-batch
+  loss         sharded runs (FSDP head): the logits of the micro-batch and their fp32
+               log-softmax, (a + 8) V per token. One process: the LM head fused with the
+               cross-entropy (train/loss.py), one row chunk of logits and probabilities, plus
+               either a float32 log-sum-exp per token (fewer tokens than the hidden size: the
+               backward recomputes the logits) or the hidden-state gradient per token (a D) and
+               the head gradient made in the forward ((4 + a) V D: fp32, then compute dtype)
 
 Compute dtype: bf16 on GPUs (a = 2 B), fp32 on CPU (a = 4 B). Per token and layer, with D
 hidden, q/C the q/kv LoRA ranks, H heads of N+R query/key and V value dims, K routed experts of
@@ -43,6 +48,7 @@ from openk2.model import build_model
 from openk2.optim.build import classify_parameters
 from openk2.optim.muon import NS_BATCH_ELEMENTS, dtype_from_name
 from openk2.train.distributed import ParallelConfig
+from openk2.train.loss import chunk_rows, recomputes
 
 GiB = 1024**3
 
@@ -99,7 +105,7 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
         "muon_workspace": 8 * owned_dense // gpus
                           + 2 * ns_bytes * min(max(largest_class, 1), NS_BATCH_ELEMENTS),
         "activations": (per_token["layers"] + per_token["recompute"] + per_token["head"]) * tokens,
-        "logits": per_token["logits"] * tokens,
+        "loss": loss_bytes(config, tokens, act, sharded_head=gpus > 1),
     }
     memory["total"] = sum(memory.values())
     return {
@@ -117,6 +123,17 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
     }
 
 
+def loss_bytes(c: ModelConfig, tokens: int, act: int, sharded_head: bool) -> int:
+    """Memory of the LM head's loss for one micro-batch (module docstring)."""
+    V, D = c.vocab_size, c.hidden_size
+    if sharded_head:  # train/trainer.py: an FSDP-sharded head takes the plain logits path
+        return (act + 8) * V * tokens
+    chunk = chunk_rows(V) * V * (8 + act)
+    if recomputes(tokens, D):
+        return chunk + 4 * tokens
+    return chunk + act * D * tokens + (4 + act) * V * D
+
+
 def _unit_of(name: str) -> str:
     """The FSDP unit of a parameter (train/distributed.py: one per decoder layer, the embedding,
     the LM head, and the root)."""
@@ -129,7 +146,7 @@ def _unit_of(name: str) -> str:
 def activation_bytes_per_token(c: ModelConfig, mode: str, act: int,
                                cpu_attention: bool = False) -> dict[str, float]:
     """Bytes per token (module docstring): saved by the decoder layers; live during one layer's
-    recomputation ("full"); saved by the final norm and LM head; logits and loss."""
+    recomputation ("full"); saved by the final norm and LM head; saved by the fused loss."""
     D, q, C, R = c.hidden_size, c.q_lora_rank or 0, c.kv_lora_rank, c.qk_rope_head_dim
     H, N, V = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
     Vs = N + R if cpu_attention else V  # the CPU kernel pads v to the query/key head size
@@ -161,7 +178,6 @@ def activation_bytes_per_token(c: ModelConfig, mode: str, act: int,
         "layers": sum(kept for kept, _ in per_layer),
         "recompute": max(full for _, full in per_layer) if mode == "full" else 0,  # one layer, in backward
         "head": norm * D + a * D,  # final norm and the LM head's input
-        "logits": (a + 8) * c.vocab_size,  # LM head output, fp32 logits and log-softmax of the loss
     }
 
 
