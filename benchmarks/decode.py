@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -30,25 +29,10 @@ import time
 from pathlib import Path
 
 import torch
+from common import cpu_name, timed
 
 from openk2 import build_model, param_counts, preset, save_model
 from openk2.infer import Engine, SamplingParams
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def decode_rates(ours, theirs, batch: int, tokens: int, repeats: int) -> tuple[float, float]:
@@ -56,10 +40,10 @@ def decode_rates(ours, theirs, batch: int, tokens: int, repeats: int) -> tuple[f
     ours(2), theirs(2)  # warm-up
     best = {"ours_n": [], "ours_1": [], "theirs_n": [], "theirs_1": []}
     for _ in range(repeats):
-        best["ours_n"].append(seconds(lambda: ours(tokens)))
-        best["theirs_n"].append(seconds(lambda: theirs(tokens)))
-        best["ours_1"].append(seconds(lambda: ours(1)))
-        best["theirs_1"].append(seconds(lambda: theirs(1)))
+        best["ours_n"].append(timed(lambda: ours(tokens)))
+        best["theirs_n"].append(timed(lambda: theirs(tokens)))
+        best["ours_1"].append(timed(lambda: ours(1)))
+        best["theirs_1"].append(timed(lambda: theirs(1)))
     t = {k: min(v) for k, v in best.items()}
     steps = batch * (tokens - 1)
     return steps / max(t["ours_n"] - t["ours_1"], 1e-9), steps / max(t["theirs_n"] - t["theirs_1"], 1e-9)
@@ -173,7 +157,7 @@ def bench_server(name: str, folder: Path, requests: int, max_tokens: int) -> flo
             counts[i] = reply.usage.completion_tokens
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(requests)]
-        elapsed = seconds(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+        elapsed = timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
         rate = sum(counts) / elapsed
         print(
             f"{name}: {requests} concurrent chat requests (max_tokens {max_tokens}) through openk2 serve: "
