@@ -21,6 +21,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "tokenizer": "",
         "val_fraction": 0.02,
         "skip_bad_lines": False,
+        "seed": 0,  # seeds the generated text of the default corpus, not the run (train.seed)
     },
     "train": {
         "steps": 300,

@@ -11,8 +11,8 @@ Split. By document group, never by row: documents are grouped (Shakespeare by wo
 editions of a play fall on one side and validation measures unseen works; everything else by
 content hash, so duplicates cannot straddle the split), and within each kind of text the
 groups, in the order of a hash of their key, go to validation until it holds `val_fraction` of
-that kind's bytes. The split does not depend on the seed: validation losses of runs with
-different seeds are comparable.
+that kind's bytes. The split does not depend on any seed, and the generated text depends only
+on data.seed, so validation losses of runs with different train.seed are comparable.
 
 Packing. A document becomes [BOS] tokens [EOS]: EOS teaches the model to stop, BOS gives every
 document the same start-of-text context (generation from nothing starts with BOS). Documents are
@@ -470,14 +470,17 @@ def build_datasets(
     *,
     mixture: Mixture = Mixture(),
     render: Render | None = None,
+    text_seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, DatasetInfo]:
     """Load, split, shuffle, tokenize and pack: (train_rows, val_rows [N, seq_len + 1], info).
 
-    `seed` fixes the generated default text and the document order; the split ignores it.
+    `seed` fixes the document order and `text_seed` the generated text of the default corpus
+    (recipe keys train.seed and data.seed): runs that differ only in train.seed train and
+    validate on the same documents. The split ignores both.
     """
     if seq_len < 1:
         raise DataError(f"seq_len={seq_len} must be >= 1")
-    docs, skipped = load_documents(source, seed, skip_bad_lines, mixture=mixture, render=render)
+    docs, skipped = load_documents(source, text_seed, skip_bad_lines, mixture=mixture, render=render)
     train_docs, val_docs = split_documents(docs, val_fraction)
     if val_fraction > 0 and not val_docs:
         raise DataError(

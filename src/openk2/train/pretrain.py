@@ -63,7 +63,7 @@ def prepare_tokenizer(recipe: dict, run_dir: Path, log: Callable[[str], None], v
     if (folder / "tokenizer.json").is_file():
         return K2Tokenizer.load(folder)
     log(f"training a {vocab_size:,}-token BPE tokenizer on data.source={data['source']!r}")
-    texts = iter_texts(data["source"], seed=recipe["train"]["seed"], skip_bad_lines=data["skip_bad_lines"])
+    texts = iter_texts(data["source"], seed=data["seed"], skip_bad_lines=data["skip_bad_lines"])
     tokenizer = train_tokenizer(texts, vocab_size)
     tokenizer.save(folder)
     return tokenizer
@@ -135,7 +135,7 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
     data = recipe["data"]
     train_rows, val_rows, info = build_datasets(
         data["source"], tokenizer, settings.seq_len, seed=seed, val_fraction=data["val_fraction"],
-        skip_bad_lines=data["skip_bad_lines"])
+        skip_bad_lines=data["skip_bad_lines"], text_seed=data["seed"])
     if info.skipped_lines:
         log(f"skipped {info.skipped_lines} malformed record(s)")
     log(f"data: {info.train.tokens:,} train tokens in {len(train_rows):,} rows, {info.val.tokens:,} validation tokens")
