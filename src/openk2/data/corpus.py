@@ -474,9 +474,9 @@ def build_datasets(
 ) -> tuple[torch.Tensor, torch.Tensor, DatasetInfo]:
     """Load, split, shuffle, tokenize and pack: (train_rows, val_rows [N, seq_len + 1], info).
 
-    `seed` fixes the document order and `text_seed` the generated text of the default corpus
-    (recipe keys train.seed and data.seed): runs that differ only in train.seed train and
-    validate on the same documents. The split ignores both.
+    `seed` fixes the order of the training documents and `text_seed` the generated text of the
+    default corpus (recipe keys train.seed and data.seed): runs that differ only in train.seed
+    train on the same documents and validate on the same rows. The split ignores both seeds.
     """
     if seq_len < 1:
         raise DataError(f"seq_len={seq_len} must be >= 1")
@@ -490,7 +490,10 @@ def build_datasets(
         )
     splits = {}
     for i, (name, part) in enumerate((("train", train_docs), ("val", val_docs))):
-        part = [part[j] for j in np.random.default_rng([seed, i]).permutation(len(part))]
+        # Validation order is fixed, so every run evaluates the same rows (and the same prefix
+        # when it evaluates only train.eval_batches of them); train order follows the seed.
+        order = np.random.default_rng([seed if name == "train" else 0, i]).permutation(len(part))
+        part = [part[j] for j in order]
         ids = tokenize(part, tokenizer)
         rows = pack(ids, seq_len, tokenizer.bos_id, tokenizer.eos_id)
         by_kind: dict[str, int] = {}
