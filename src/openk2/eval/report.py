@@ -48,29 +48,27 @@ def plot_training(records: list[dict[str, Any]], out_dir: Path, prefix: str = "p
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("nats / token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    paths["loss"] = out_dir / f"{prefix}_loss.png"
-    fig.tight_layout()
-    fig.savefig(paths["loss"], dpi=110)
-    plt.close(fig)
+    paths["loss"] = _save(fig, ax, "nats / token", out_dir / f"{prefix}_loss.png")
     logits = [(r["step"], r["max_logit"]) for r in records if r.get("max_logit") is not None]
     if logits:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(*zip(*logits), label="max attention logit (before clipping)")
         if tau:
             ax.axhline(tau, color="red", linestyle="--", label=f"τ = {tau:g}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("max logit")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        paths["max_logit"] = out_dir / f"{prefix}_max_logit.png"
-        fig.tight_layout()
-        fig.savefig(paths["max_logit"], dpi=110)
-        plt.close(fig)
+        paths["max_logit"] = _save(fig, ax, "max logit", out_dir / f"{prefix}_max_logit.png")
     return paths
+
+
+def _save(fig, ax, ylabel: str, path: Path) -> Path:
+    """Label (x: step), grid, legend, write and close a per-step plot."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def training_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
