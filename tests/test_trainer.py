@@ -37,8 +37,8 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def run_pretrain(out: Path, corpus: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
-    args = [sys.executable, "-m", "openk2", "pretrain", "--out", str(out), "--set", f"data.source={corpus}"]
+def run_pretrain(out: Path, corpus: Path, *extra: str, wait: bool = True, command: str = "pretrain") -> subprocess.Popen:
+    args = [sys.executable, "-m", "openk2", command, "--out", str(out), "--set", f"data.source={corpus}"]
     for item in SMALL + list(extra):
         args += [item] if item.startswith("--") else ["--set", item]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -48,6 +48,18 @@ def run_pretrain(out: Path, corpus: Path, *extra: str, wait: bool = True) -> sub
         proc.output = output
         assert proc.returncode == 0, output
     return proc
+
+
+def test_speedrun_writes_the_report(tmp_path, corpus):
+    run = tmp_path / "speedrun"
+    run_pretrain(run, corpus, "train.steps=5", "train.checkpoint_every=0", command="speedrun")
+    report = (run / "report.md").read_text()
+    for needle in ("final validation loss (nats/token)", "unigram baseline (bits per byte)",
+                   "largest rise of the smoothed training loss", "![loss](pretrain_loss.png)", "Samples"):
+        assert needle in report, needle
+    assert (run / "pretrain_loss.png").is_file() and (run / "pretrain_max_logit.png").is_file()
+    assert (run / "pretrain" / "final" / "config.json").is_file()
+    assert json.loads((run / "speedrun.json").read_text())["pretrain"]["val_loss"] > 0
 
 
 def losses(run: Path) -> dict[int, float]:
