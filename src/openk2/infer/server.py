@@ -271,7 +271,7 @@ def _sse_error(error: Exception) -> str:
 
 
 async def _merged(handles: list):
-    """(choice index, Delta | EngineError | None at the end) from every handle, as they come."""
+    """(choice index, Delta | EngineError) from every handle, as they come, until all end."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, handle) -> None:
@@ -287,8 +287,10 @@ async def _merged(handles: list):
         remaining = len(handles)
         while remaining:
             item = await queue.get()
-            remaining -= item[1] is None
-            yield item
+            if item[1] is None:  # that handle's end
+                remaining -= 1
+            else:
+                yield item
     finally:  # the client went away, or we are done
         for h in handles:
             if not h.done:
@@ -470,8 +472,6 @@ async def _chat_stream(state: _State, handles: list, rid: str, created: int, pro
         if isinstance(delta, Exception):
             yield _sse_error(delta)
             continue
-        if delta is None:
-            continue
         parsed = parsers[i].feed(delta.text)
         if delta.finish_reason is not None:
             tail = parsers[i].finish()
@@ -565,8 +565,6 @@ async def _completion_stream(state: _State, handles: list, rid: str, created: in
     async for i, delta in _merged(handles):
         if isinstance(delta, Exception):
             yield _sse_error(delta)
-            continue
-        if delta is None:
             continue
         finish = {None: None, "length": "length"}.get(delta.finish_reason, "stop")
         logprobs = None

@@ -1,0 +1,79 @@
+"""Where the time goes: torch.profiler tables for openk2's tiny training step and batched decode,
+at one and two threads side by side (the figures in docs/LOG.md's profiling entries).
+
+    python benchmarks/profile_step.py [--what train decode] [--preset tiny] [--rows 25]
+
+train:  benchmarks/train_step.py's step (forward + backward + AdamW, fp32, 8 x 256 tokens).
+decode: Engine.generate of 8 prompts of 128 tokens, 33 greedy tokens, as benchmarks/decode.py.
+For each, the step time per thread count (fastest of 3; decode steps exclude the prefill) and
+the time per op per step, self and with the ops it calls (decode: per generated token, the
+prefill spread over them).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import cpu_name, timed
+from torch.profiler import ProfilerActivity, profile
+from train_step import openk2_loss, step_fn
+
+from openk2 import build_model, preset
+from openk2.infer import Engine, SamplingParams
+
+DECODE_BATCH, DECODE_CONTEXT, DECODE_TOKENS = 8, 128, 33
+
+
+def train_step(name: str):
+    """(the step, a function timing one step)."""
+    step = step_fn(build_model(preset(name), seed=0), openk2_loss)
+    return step, lambda: timed(step)
+
+
+def decode_run(name: str):
+    """(generate DECODE_TOKENS for the batch, a function timing one decode step: the N-token run
+    minus the 1-token run, so the prefill cancels out, as in benchmarks/decode.py)."""
+    model = build_model(preset(name), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (DECODE_BATCH, DECODE_CONTEXT), generator=g).tolist()
+    engine = Engine(model, max_batch=DECODE_BATCH, max_len=DECODE_CONTEXT + DECODE_TOKENS + 8)
+
+    def generate(tokens: int = DECODE_TOKENS) -> None:
+        engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+
+    generate(2)
+    return generate, lambda: (timed(generate) - timed(lambda: generate(1))) / (DECODE_TOKENS - 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--what", nargs="+", default=["train", "decode"], choices=["train", "decode"])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--rows", type=int, default=25)
+    args = parser.parse_args()
+    print(f"machine: {cpu_name()}, torch {torch.__version__}, preset {args.preset}")
+    for what in args.what:
+        fn, step_seconds = (train_step if what == "train" else decode_run)(args.preset)
+        steps = 1 if what == "train" else DECODE_TOKENS  # per profiled call
+        per_op: dict[int, dict[str, float]] = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            fn()
+            best = min(step_seconds() for _ in range(3))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            per_op[threads] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+            if threads == 2:
+                total = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+            rate = "" if what == "train" else f" ({DECODE_BATCH / best:,.0f} tokens/s)"
+            print(f"\n{what}: {threads} thread(s): {best * 1e3:,.2f} ms per step{rate}")
+        print(f"\n{'op (self time, ms per step)':<58}{'1 thread':>10}{'2 threads':>11}{'speedup':>9}"
+              f"{'2 threads, with children':>26}")
+        for key in sorted(per_op[2], key=lambda k: -per_op[2][k])[: args.rows]:
+            one, two = per_op[1].get(key, 0.0), per_op[2][key]
+            print(f"{key[:58]:<58}{one:>10.2f}{two:>11.2f}{one / max(two, 1e-9):>8.2f}x{total[key]:>26.2f}")
+
+
+if __name__ == "__main__":
+    main()
