@@ -196,3 +196,26 @@ def test_backward_reaches_every_parameter():
     model(torch.randint(0, 128, (4, 16))).logsumexp(-1).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
+
+
+def test_rms_norm_backward_matches_autograd_of_the_formula():
+    from openk2.model.norm import RMSNorm, _RMSNormFloat32
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(16, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFloat32.apply(x, w, 1e-6), (x, w))
+
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    xf = x.detach().float().requires_grad_()
+    out = norm(xf)
+    ref_x = xf.detach().clone().requires_grad_()
+    ref = norm.weight * (ref_x * torch.rsqrt(ref_x.pow(2).mean(-1, keepdim=True) + norm.eps))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(out.shape, generator=g)
+    dx, dw = torch.autograd.grad(out, (xf, norm.weight), upstream)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (ref_x, norm.weight), upstream)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-6)

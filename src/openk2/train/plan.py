@@ -28,7 +28,7 @@ blocks), expert tensors split over ep ranks and then over edp_shard ranks. Per G
 Compute dtype: bf16 on GPUs (a = 2 B), fp32 on CPU (a = 4 B). Per token and layer, with D
 hidden, q/C the q/kv LoRA ranks, H heads of N+R query/key and V value dims, K routed experts of
 width I, norms computed in fp32:
-  norm(w)      4w + a w            (fp32 copy of the input, normalised output)
+  norm(w)      4w + a w            (fp32 normalised input for its backward, output the next matmul keeps)
   attention    a D + (4 + 2a) q + (4 + 2a) C + a H (2(N+R) + 3V) + 4 H
   SwiGLU(W)    a D + 4 a W         (input, gate, up, silu, product)
   routed       4 D + 4 E + a K (2 (D + 1) + 5 I) + 24 K   (router in fp32, the dispatched
@@ -177,7 +177,7 @@ def activation_bytes_per_token(c: ModelConfig, mode: str, act: int,
     return {
         "layers": sum(kept for kept, _ in per_layer),
         "recompute": max(full for _, full in per_layer) if mode == "full" else 0,  # one layer, in backward
-        "head": norm * D + a * D,  # final norm and the LM head's input
+        "head": norm * D,  # final norm, whose output is the LM head's input
     }
 
 
