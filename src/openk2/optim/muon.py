@@ -70,8 +70,10 @@ def zeropower_via_newtonschulz(
     coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
     eps: float = NS_EPS,
     workspace: dict | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """Approximate U V^T of each matrix of X [N, m, n] with m <= n (K2_SPEC §2, Newton–Schulz).
+    """Approximate U V^T of each matrix of X [N, m, n] with m <= n (K2_SPEC §2, Newton–Schulz),
+    times `scale` (folded into the last small [m, m] factor, so it costs no pass over X).
 
     X (a buffer the caller owns) is overwritten, and the result is returned in a buffer of
     the same shape and dtype. Every pass over the large [N, m, n] operand is a matmul:
@@ -92,7 +94,7 @@ def zeropower_via_newtonschulz(
     norm = A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).float().sqrt_()  # ||U||_F   [N, 1]
     inv_norm = norm.clamp_min_(eps).reciprocal_().unsqueeze(-1)                 # [N, 1, 1]
     if steps == 0:
-        return X.mul_(inv_norm.to(X.dtype))
+        return X.mul_((inv_norm * scale).to(X.dtype))
     A.mul_((inv_norm * inv_norm).to(A.dtype))                                   # X_0 X_0^T
     Y = _buffer(workspace, "Y", X.shape, X.dtype, X.device)
     B = _buffer(workspace, "B", (N, m, m), X.dtype, X.device)
@@ -103,6 +105,8 @@ def zeropower_via_newtonschulz(
         B.diagonal(dim1=-2, dim2=-1).add_(a)             # B + a I: a X folded into the product
         if step == 0:
             B.mul_(inv_norm.to(B.dtype))                 # X is still U = ||U|| X_0
+        if step == steps - 1 and scale != 1.0:
+            B.mul_(scale)
         torch.bmm(B, X, out=Y)                           # Y = a X + (b A + c A^2) X   [N, m, n]
         X, Y = Y, X
     return X
@@ -138,6 +142,9 @@ def muon_update(
     M <- mu M + G;  O = NS(G + mu M) per matrix (NS(M) without Nesterov);
     W <- W (1 - lr wd) - lr 0.2 sqrt(max(n, m)) O.
 
+    The last line is one pass over W: Newton–Schulz returns O already scaled (its last step
+    multiplies a small [m, m] matrix), and W (1 - w) - s O = lerp(W, -s O / w, w) with w = lr wd.
+
     Matrices of one shape class are orthogonalised in batches of at most `max_batch_elements`
     elements (bounds the four Newton–Schulz buffers at K2 scale; one batch per class at CPU sizes).
     `workspace` (a dict the caller keeps) holds those buffers between steps on CPU, where a
@@ -157,8 +164,7 @@ def muon_update(
     for g, m in zip(g_local, m_local):
         torch.add(g, m, alpha=momentum, out=m)  # M = mu M + G in one pass
     nesterov_mu = momentum if nesterov else None
-    if weight_decay and lr:
-        torch._foreach_mul_(p_local, 1.0 - lr * weight_decay)
+    decay = lr * weight_decay
     ns = dict(steps=ns_steps, coefficients=ns_coefficients, eps=eps, ns_dtype=ns_dtype,
               max_batch_elements=max_batch_elements, workspace=workspace)
 
@@ -167,6 +173,8 @@ def muon_update(
     work = [p_local[i] if not is_dtensor(p) or _whole_matrices(p) else p for i, p in enumerate(params)]
     owned = [i for i, w in enumerate(work) if is_dtensor(w) and _row_sharded(w)]
     if owned:
+        if decay:
+            torch._foreach_mul_([p_local[i] for i in owned], 1.0 - decay)
         _owner_update([params[i] for i in owned], [g_local[i] for i in owned], [m_local[i] for i in owned],
                       [p_local[i] for i in owned], nesterov_mu, lr, ns)
     rest = [i for i in range(len(params)) if i not in set(owned)]
@@ -179,8 +187,12 @@ def muon_update(
         else:
             slot.copy_(_rows(m_local[i], e0, e1))
 
+    def scale(long: int) -> float:  # -s, or -s / w for the lerp form
+        step = -lr * 0.2 * math.sqrt(long)
+        return step / decay if decay else step
+
     specs = [(i, work[i].shape, p_local[i].device, p_local[i].dtype, is_dtensor(work[i])) for i in rest]
-    for batch in _orthogonalised(specs, fill, **ns):  # one shape class per batch
+    for batch in _orthogonalised(specs, fill, scale=scale, **ns):  # one shape class per batch
         targets, updates = [], []
         for i, e0, e1, update in batch:
             if is_dtensor(work[i]):
@@ -189,12 +201,16 @@ def muon_update(
             else:
                 targets.append(_rows(p_local[i], e0, e1))
                 updates.append(update)
-        long = max(work[batch[0][0]].shape[-2:])
-        torch._foreach_add_(targets, updates, alpha=-lr * 0.2 * math.sqrt(long))
+        if decay:
+            torch._foreach_lerp_(targets, updates, decay)
+        else:
+            torch._foreach_add_(targets, updates)
 
 
-def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batch_elements, workspace):
-    """Newton–Schulz over matrices batched by shape class.
+def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batch_elements, workspace,
+                    scale=None):
+    """Newton–Schulz over matrices batched by shape class; `scale(long side)`, if given, is the
+    factor each class's results are multiplied by.
 
     specs: (key, shape [..., rows, cols], device, dtype of the result, whole) per tensor; a
     `whole` tensor is never split across batches. `fill(key, e0, e1, slot)` writes matrices
@@ -220,7 +236,8 @@ def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batc
             for key, e0, e1, tall in chunk:
                 fill(key, e0, e1, _slot(X, start, e1 - e0, tall, ndims[key]))  # in the tensor's orientation
                 start += e1 - e0
-            O = zeropower_via_newtonschulz(X, steps, coefficients, eps, workspace)
+            O = zeropower_via_newtonschulz(X, steps, coefficients, eps, workspace,
+                                           scale=1.0 if scale is None else scale(long))
             if O.dtype != param_dtype:  # one cast per batch (a mixed-dtype add_ is ~7x slower on CPU)
                 O = _buffer(workspace, "cast", O.shape, param_dtype, device).copy_(O)
             out, start = [], 0
