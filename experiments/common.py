@@ -10,13 +10,14 @@ from openk2.train.metrics import read_metrics
 from openk2.train.pretrain import pretrain
 
 
-def run(out: Path, recipe: str, overrides: list[str], force: bool = False) -> list[dict]:
-    """Pre-train into `out` (reusing a finished run there unless `force`) and return its metrics."""
+def run(out: Path, recipe: str, overrides: list[str], force: bool = False, on_step=None) -> list[dict]:
+    """Pre-train into `out` (reusing a finished run there unless `force`) and return its metrics.
+    `on_step(model, micro_batches, record)` runs after every optimizer step (see trainer.train)."""
     out = Path(out)
     done = out / "summary.json"
     if force or not done.is_file():
         config = load_recipe(recipe, overrides)
-        pretrain(config, out, log=lambda message: None, show_progress=False)
+        pretrain(config, out, log=lambda message: None, show_progress=False, on_step=on_step)
     return read_metrics(out / "metrics.jsonl")
 
 

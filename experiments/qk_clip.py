@@ -4,6 +4,12 @@ does QK-Clip cap it at tau without hurting the loss?
 Runs the same high-learning-rate recipe twice, with qk_clip_tau = 0 (plain Muon) and
 qk_clip_tau = TAU, and plots the per-step max logit (before clipping) and the loss.
 
+After every step the step's own batch goes through the model once more (no gradients), with
+the weights the step left. QK-Clip computes its factors from the forward before the update
+and applies them after it, so on that batch a clipped head's max is tau times the growth
+that the step's own update gave it: `max_logit_after_step` is tau times the drift of the
+update. The next step's pre-clip max (on a new batch) adds the spread between batches.
+
     python experiments/qk_clip.py --out runs/qk_clip [--tau 15] [--lr 0.02] [--steps 300]
 """
 
@@ -17,6 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import torch  # noqa: E402
 from common import dump, run  # noqa: E402
 
 from openk2.eval.report import smooth  # noqa: E402
@@ -34,21 +41,30 @@ def main() -> None:
     base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", "train.eval_every=50",
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
     runs = {
-        "Muon (no clip)": run(args.out / "muon", args.recipe, base + ["optim.qk_clip_tau=0"]),
+        "Muon (no clip)": run(args.out / "muon", args.recipe, base + ["optim.qk_clip_tau=0"],
+                              on_step=probe_after_step),
         f"MuonClip (tau={args.tau:g})": run(args.out / "muonclip", args.recipe,
-                                           base + [f"optim.qk_clip_tau={args.tau}"]),
+                                           base + [f"optim.qk_clip_tau={args.tau}"], on_step=probe_after_step),
     }
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     summary = {}
     for label, records in runs.items():
         steps = [r["step"] for r in records]
-        left.plot(steps, [r["max_logit"] for r in records], label=label)
+        line, = left.plot(steps, [r["max_logit"] for r in records], label=label)
+        if "max_logit_after_step" in records[0]:
+            left.plot(steps, [r["max_logit_after_step"] for r in records], ":", color=line.get_color(),
+                      label=f"{label}: same batch after the step")
         right.plot(steps, smooth([r["loss"] for r in records]), label=label)
         vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        after_clip = [r for r in records if r["step"] > _first_clip(records)]
         summary[label] = {
             "max_logit": max(r["max_logit"] for r in records),
-            "max_logit_after_first_clip": max((r["max_logit"] for r in records
-                                               if r["step"] > _first_clip(records)), default=None),
+            "max_logit_after_first_clip": max((r["max_logit"] for r in after_clip), default=None),
+            "median_max_logit_after_first_clip": _median([r["max_logit"] for r in after_clip]),
+            # the same batch re-run after the step: tau x the drift of the step's own update
+            "after_step_max": max((r.get("max_logit_after_step", 0.0) for r in after_clip), default=None),
+            "after_step_median": _median([r["max_logit_after_step"] for r in after_clip
+                                          if "max_logit_after_step" in r]),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
@@ -68,6 +84,20 @@ def main() -> None:
     dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary})
     for label, values in summary.items():
         print(label, values)
+
+
+@torch.no_grad()
+def probe_after_step(model, micro_batches, record: dict) -> None:
+    """Re-run the step's micro-batches with the weights the step left; record their max logit."""
+    model.reset_stats()
+    for tokens, _ in micro_batches:
+        model.model(tokens[:, :-1])
+    record["max_logit_after_step"] = float(model.max_logits().max())
+    model.reset_stats()
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def _first_clip(records: list[dict]) -> int:

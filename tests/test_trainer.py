@@ -152,3 +152,29 @@ def test_bfloat16_autocast(tmp_path, corpus):
     records = read_metrics(run / "metrics.jsonl")
     assert len(records) == 3 and all(r["loss"] == r["loss"] for r in records)
     assert records[-1]["loss"] < records[0]["loss"] + 0.5
+
+
+def test_on_step_sees_each_step_and_extends_its_record(tmp_path, corpus):
+    """pretrain(on_step=...) runs after every optimizer step with that step's micro-batches, before
+    evaluation; what it adds to the record lands in metrics.jsonl."""
+    import torch
+
+    from openk2 import load_model
+    from openk2.train.pretrain import pretrain
+
+    seen, weights = [], []
+
+    def probe(model, micro_batches, record):
+        seen.append((record["step"], len(micro_batches), tuple(micro_batches[0][0].shape)))
+        weights.append(model.lm_head.weight.detach().clone())
+        record["probe"] = record["step"] * 10
+
+    recipe = load_recipe("recipes/speedrun.toml", [f"data.source={corpus}", "train.steps=3",
+                                                   "train.checkpoint_every=0", *SMALL])
+    pretrain(recipe, tmp_path / "run", log=lambda message: None, show_progress=False, on_step=probe)
+    assert seen == [(step, 2, (2, 33)) for step in (1, 2, 3)]
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["probe"] for r in records] == [10, 20, 30]
+    assert "val_loss" in records[-1]
+    final = load_model(tmp_path / "run" / "final")
+    assert torch.equal(weights[-1], final.lm_head.weight)  # the last call saw the updated weights

@@ -95,7 +95,9 @@ def model_for(recipe: dict, vocab_size: int, seed: int, device: str) -> K2ForCau
 
 
 def pretrain(recipe: dict, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print,
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, on_step: Callable | None = None) -> dict[str, Any]:
+    """Pre-train as the recipe says into run_dir; returns the run's summary (also written to
+    summary.json). `on_step` is passed to `train.trainer.train`."""
     world = distributed.world_size_from_env()
     parallel = distributed.ParallelConfig.from_recipe(recipe, world, config_for(recipe).n_routed_experts)
     if world == 1 and (recipe["parallel"]["dp_shard"] > 1 or recipe["parallel"]["ep"] > 1):
@@ -103,7 +105,7 @@ def pretrain(recipe: dict, run_dir: str | Path, resume: bool = False, log: Calla
     mesh = distributed.init_distributed(parallel, recipe["train"]["device"]) if world > 1 else None
     try:
         return _pretrain(recipe, Path(run_dir), resume, log if mesh is None or mesh.rank == 0 else _quiet,
-                         show_progress, mesh, parallel)
+                         show_progress, mesh, parallel, on_step)
     finally:
         if mesh is not None:
             distributed.close_distributed()
@@ -114,7 +116,8 @@ def _quiet(message: str) -> None:
 
 
 def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], None], show_progress: bool,
-              mesh: distributed.Mesh | None, parallel: distributed.ParallelConfig) -> dict[str, Any]:
+              mesh: distributed.Mesh | None, parallel: distributed.ParallelConfig,
+              on_step: Callable | None = None) -> dict[str, Any]:
     rank0 = mesh is None or mesh.rank == 0
     settings = TrainSettings.from_recipe(recipe["train"])
     seed = recipe["train"]["seed"]
@@ -167,7 +170,8 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
             tokenizer.save(run_dir / "final")
 
     summary = train(run_dir, model, OptimConfig.from_dict(recipe["optim"]), settings, batches, val_batches,
-                    resume=resume, log=log, on_final=save_final, show_progress=show_progress, mesh=mesh)
+                    resume=resume, log=log, on_final=save_final, show_progress=show_progress, mesh=mesh,
+                    on_step=on_step)
     baseline = unigram_loss(train_rows, val_rows, tokenizer.vocab_size)
     summary.update(
         unigram_val_loss=baseline,

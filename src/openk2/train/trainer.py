@@ -119,10 +119,13 @@ def train(
     on_final: Callable[[K2ForCausalLM], None] | None = None,
     show_progress: bool = True,
     mesh: Mesh | None = None,
+    on_step: Callable[[K2ForCausalLM, list, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the loop; returns a summary (final step, last loss, last val_loss, tokens, seconds).
     `settings.batch_size` is global: with a mesh, each rank draws its accumulation // world
-    micro-batches per step."""
+    micro-batches per step. `on_step(model, micro_batches, record)`, if given, runs after every
+    optimizer step, before evaluation, and may add entries to the step's metrics record (used
+    by experiments that measure the model between steps)."""
     run_dir = Path(run_dir)
     world = mesh.world_size if mesh is not None else 1
     rank0 = mesh is None or mesh.rank == 0
@@ -191,6 +194,8 @@ def train(
             }
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            if on_step is not None:
+                on_step(model, micro, record)
             if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
                 record["val_loss"] = evaluate(model, val_batches, device, settings.autocast)
                 summary["val_loss"] = record["val_loss"]
