@@ -18,9 +18,8 @@ blocks), expert tensors split over ep ranks and then over edp_shard ranks. Per G
                per-token terms below, measured on this code (tests/test_distributed.py checks
                the estimate against saved_tensors_hooks); "full" checkpointing keeps the layer
                inputs plus one layer's activations during its recomputation
-  loss         sharded runs (FSDP head): the logits of the micro-batch and their fp32
-               log-softmax, (a + 8) V per token. One process: the LM head fused with the
-               cross-entropy (train/loss.py), one row chunk of logits and probabilities, plus
+  loss         the LM head fused with the cross-entropy (train/loss.py; under FSDP inside the
+               head's unit, train/distributed.py), one row chunk of logits and probabilities, plus
                either a float32 log-sum-exp per token (fewer tokens than the hidden size: the
                backward recomputes the logits) or the hidden-state gradient per token (a D) and
                the head gradient made in the forward ((4 + a) V D: fp32, then compute dtype)
@@ -105,7 +104,7 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
         "muon_workspace": 8 * owned_dense // gpus
                           + 2 * ns_bytes * min(max(largest_class, 1), NS_BATCH_ELEMENTS),
         "activations": (per_token["layers"] + per_token["recompute"] + per_token["head"]) * tokens,
-        "loss": loss_bytes(config, tokens, act, sharded_head=gpus > 1),
+        "loss": loss_bytes(config, tokens, act),
     }
     memory["total"] = sum(memory.values())
     return {
@@ -123,11 +122,10 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
     }
 
 
-def loss_bytes(c: ModelConfig, tokens: int, act: int, sharded_head: bool) -> int:
-    """Memory of the LM head's loss for one micro-batch (module docstring)."""
+def loss_bytes(c: ModelConfig, tokens: int, act: int) -> int:
+    """Memory of the LM head's loss for one micro-batch (module docstring); the same with and
+    without FSDP (train/distributed.py runs the fused loss inside the head's FSDP unit)."""
     V, D = c.vocab_size, c.hidden_size
-    if sharded_head:  # train/trainer.py: an FSDP-sharded head takes the plain logits path
-        return (act + 8) * V * tokens
     chunk = chunk_rows(V) * V * (8 + act)
     if recomputes(tokens, D):
         return chunk + 4 * tokens

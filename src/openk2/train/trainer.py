@@ -81,8 +81,10 @@ def next_token_loss(model: K2ForCausalLM, tokens: torch.Tensor, mask: torch.Tens
         targets = targets.masked_fill(~mask[:, 1:], IGNORE)
     count = int((targets != IGNORE).sum()) if mask is not None else targets.numel()
     head = model.lm_head.weight
-    if is_dtensor(head):  # FSDP-sharded head: its module's forward gathers the weight
-        logits = model(tokens[:, :-1])
+    if is_dtensor(head):  # FSDP-sharded head: gathered inside FSDP forwards (distributed.py)
+        if hasattr(model, "fused_loss"):
+            return model.fused_loss(tokens[:, :-1], targets), count
+        logits = model(tokens[:, :-1])  # sharded some other way: plain logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE, reduction="sum")
         return loss, count
