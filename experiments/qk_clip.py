@@ -16,6 +16,7 @@ update. The next step's pre-clip max (on a new batch) adds the spread between ba
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -97,7 +98,7 @@ def probe_after_step(model, micro_batches, record: dict) -> None:
 
 
 def _median(values: list[float]) -> float | None:
-    return sorted(values)[len(values) // 2] if values else None
+    return statistics.median(values) if values else None
 
 
 def _first_clip(records: list[dict]) -> int:

@@ -334,8 +334,8 @@ def _install_fused_loss(model: nn.Module) -> None:
     """Give a fully_shard-ed model `model.fused_loss(tokens, targets)`: the trainer's LM head fused
     with the cross-entropy (train/loss.py), run as FSDP forwards of the root and of the head's
     unit, so the sharded head is gathered for it (and for its backward) and its gradient is
-    reduce-scattered as after `lm_head(...)`. Without it the trainer would need the plain
-    [tokens, vocab] logits under FSDP (6.25 GiB per GPU in the K2 plan)."""
+    reduce-scattered as after `lm_head(...)`. The trainer calls it whenever a model has it; the
+    plain path would hold [tokens, vocab] logits (6.25 GiB per GPU in the K2 plan)."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

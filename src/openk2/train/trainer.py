@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from openk2.config import ConfigError
 from openk2.model import K2ForCausalLM
 from openk2.optim import build_optimizer, lr_at, OptimConfig
-from openk2.optim.muon import is_dtensor
 from openk2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from openk2.train.distributed import Mesh, clip_grad_norm_
 from openk2.train.loss import IGNORE, linear_cross_entropy
@@ -80,16 +78,11 @@ def next_token_loss(model: K2ForCausalLM, tokens: torch.Tensor, mask: torch.Tens
     if mask is not None:
         targets = targets.masked_fill(~mask[:, 1:], IGNORE)
     count = int((targets != IGNORE).sum()) if mask is not None else targets.numel()
-    head = model.lm_head.weight
-    if is_dtensor(head):  # FSDP-sharded head: gathered inside FSDP forwards (distributed.py)
-        if hasattr(model, "fused_loss"):
-            return model.fused_loss(tokens[:, :-1], targets), count
-        logits = model(tokens[:, :-1])  # sharded some other way: plain logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        return loss, count
+    if hasattr(model, "fused_loss"):  # FSDP: the sharded head is gathered inside it (distributed.py)
+        return model.fused_loss(tokens[:, :-1], targets), count
     hidden = model.model(tokens[:, :-1])
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1)), count
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight,
+                                targets.reshape(-1)), count
 
 
 @torch.no_grad()
