@@ -104,6 +104,21 @@ def _tiny(**overrides):
     return openk2.preset("tiny", **{**kw, **overrides})
 
 
+@pytest.mark.parametrize("shape", [(8, 128, 256), (8192, 256), (33, 3), (35, 7), (7, 5), (3,), (1, 1)])
+def test_sharded_draws_equal_one_normal_call(shape):
+    """materialize's chunked replay draws what one normal_ over the whole tensor draws, so a
+    rank's rows equal the single-process values whatever the split (odd sizes, short tails)."""
+    from openk2.train.distributed import _draw_rows
+
+    expected = torch.empty(shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(3))
+    rows = shape[0]
+    for cuts in ([0, rows], [0, rows // 3, rows], sorted({0, 1, rows // 2, rows})):
+        for a, b in zip(cuts, cuts[1:]):
+            local = torch.full((b - a, *shape[1:]), float("nan"))
+            _draw_rows(local, a, shape, 0.02, torch.Generator().manual_seed(3))
+            assert torch.equal(local, expected[a:b])
+
+
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_activation_checkpointing_changes_nothing_but_memory(mode):
     ids = torch.randint(0, 256, (2, 33))

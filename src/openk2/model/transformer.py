@@ -106,23 +106,34 @@ class K2ForCausalLM(nn.Module):
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for biases and
-        router bias; recomputes non-persistent buffers (needed after `to_empty` from meta)."""
+        """Normal(0, initializer_range) for every matrix (`normal_init_tensors`, drawn in that
+        order from one generator seeded with `seed`), then `init_constants`."""
         std = self.config.initializer_range
         generator = None
         if seed is not None:
             device = next(self.parameters()).device
             generator = torch.Generator(device=device).manual_seed(seed)
+        for weight in self.normal_init_tensors():
+            weight.normal_(0.0, std, generator=generator)
+        self.init_constants()
+
+    def normal_init_tensors(self) -> Iterator[torch.Tensor]:
+        """The tensors drawn from Normal(0, initializer_range), in draw order (module order):
+        projection, embedding, head and router weights, and the stacked experts."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std, generator=generator)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
+            if isinstance(module, (nn.Linear, nn.Embedding, Router)):
+                yield module.weight
             elif isinstance(module, Experts):
-                for w in (module.gate_proj, module.up_proj, module.down_proj):
-                    w.normal_(0.0, std, generator=generator)
+                yield from (module.gate_proj, module.up_proj, module.down_proj)
+
+    @torch.no_grad()
+    def init_constants(self) -> None:
+        """Everything not drawn at random: ones for norms, zeros for biases, the router bias and
+        the statistics; recomputes non-persistent buffers (needed after `to_empty` from meta)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.zero_()
             elif isinstance(module, Router):
-                module.weight.normal_(0.0, std, generator=generator)
                 module.e_score_correction_bias.zero_()
             elif isinstance(module, (RMSNorm, RotaryEmbedding)):
                 module.reset_parameters()

@@ -222,10 +222,11 @@ class ExpertParallel(Experts):
         self.ep = mesh.ep
         self.local_experts = self.num_experts // self.ep
         ep_rank = mesh.experts.get_local_rank("ep")
-        rows = slice(ep_rank * self.local_experts, (ep_rank + 1) * self.local_experts)
+        self.first = ep_rank * self.local_experts  # the layer's index of this rank's first expert
+        rows = slice(self.first, self.first + self.local_experts)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            full = getattr(experts, name)
-            setattr(self, name, nn.Parameter(full.detach()[rows].clone().to(mesh.device)))
+            local = getattr(experts, name).detach()[rows].clone()  # stays on meta when built there
+            setattr(self, name, nn.Parameter(local if local.is_meta else local.to(mesh.device)))
         self.group = mesh.experts.get_group("ep")
         # The [E, ...] layout: split over ep, then (FSDP) over edp_shard; replicated over edp_replicate.
         if mesh.edp_shard == 1:
@@ -409,13 +410,68 @@ class _KeepStatistics:
 
 
 def parallelize(model: nn.Module, mesh: Mesh | None, activation_checkpointing: str = "none") -> nn.Module:
-    """Expert parallelism, activation checkpointing, FSDP2, in that order (in place)."""
+    """Expert parallelism, activation checkpointing, FSDP2, in that order (in place). A model
+    built on the meta device stays there; `materialize` then gives each rank its shards."""
     if mesh is not None and mesh.ep > 1:
         apply_expert_parallel(model, mesh)
     apply_activation_checkpointing(model, activation_checkpointing)
     if mesh is not None:
         apply_fsdp(model, mesh)
     return model
+
+
+# ---- initialisation of a sharded model ------------------------------------------------------
+
+@torch.no_grad()
+def materialize(model: nn.Module, seed: int, device: torch.device) -> None:
+    """Allocate a meta-built, parallelised model's shards on `device` and initialise them to the
+    values `build_model(config, seed=seed)` gives on one process, without any rank holding a
+    whole model: the random draws are replayed in the model's order (`normal_init_tensors`)
+    from the same CPU generator, a few MB at a time, and each rank keeps the rows it holds
+    (FSDP row blocks, its experts). Every rank draws every value once, so the generator
+    advances exactly as on one process (CPU time grows with the model; memory does not)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    model.to_empty(device=device)
+    owners = {id(p): m for m in model.modules() if isinstance(m, ExpertParallel)
+              for p in (m.gate_proj, m.up_proj, m.down_proj)}
+    generator = torch.Generator().manual_seed(seed)  # build_model initialises on the CPU
+    std = model.config.initializer_range
+    for weight in model.normal_init_tensors():
+        local, start, shape = weight, 0, tuple(weight.shape)
+        if is_dtensor(weight):
+            local_shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh,
+                                                                        weight.placements)
+            if any(offset[1:]) or tuple(local_shape[1:]) != shape[1:]:
+                raise NotImplementedError(f"materialize: {weight.placements} shards beyond dim 0")
+            local, start = weight.to_local(), offset[0]
+        owner = owners.get(id(weight))
+        if owner is not None:  # this rank's experts of the layer's [E, ...] stack
+            start += owner.first
+            shape = (owner.num_experts, *shape[1:])
+        _draw_rows(local, start, shape, std, generator)
+    model.init_constants()
+
+
+def _draw_rows(local: torch.Tensor, start: int, shape: tuple[int, ...], std: float,
+               generator: torch.Generator) -> None:
+    """Draw a whole [rows, ...] Normal(0, std) tensor of `shape` chunk by chunk and copy rows
+    start.. into `local`. Chunks hold multiples of 16 values and the last holds at least 16,
+    which makes torch's CPU `normal_` draw exactly what one call on the whole tensor draws."""
+    rows, row_size = shape[0], math.prod(shape[1:])
+    unit = 16 // math.gcd(row_size, 16)  # rows that hold a multiple of 16 values
+    step = max(unit, (1 << 22) // row_size // unit * unit)  # ~16 MB of float32 per chunk
+    end = start + local.shape[0]
+    r0 = 0
+    while r0 < rows:
+        r1 = min(rows, r0 + step)
+        if (rows - r1) * row_size < 16:  # a short last chunk would take torch's scalar path
+            r1 = rows
+        values = torch.empty((r1 - r0, *shape[1:])).normal_(0.0, std, generator=generator)
+        a, b = max(r0, start), min(r1, end)
+        if a < b:
+            local[a - start : b - start].copy_(values[a - r0 : b - r0])
+        r0 = r1
 
 
 # ---- gradients --------------------------------------------------------------------------------

@@ -142,7 +142,11 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
     if info.skipped_lines:
         log(f"skipped {info.skipped_lines} malformed record(s)")
     log(f"data: {info.train.tokens:,} train tokens in {len(train_rows):,} rows, {info.val.tokens:,} validation tokens")
-    model = model_for(recipe, tokenizer.vocab_size, seed, "cpu" if mesh is not None else settings.device)
+    # Under torchrun a model trained from scratch is built on the meta device and each rank
+    # materialises only its shards after parallelize (no rank ever holds the whole model).
+    sharded_init = mesh is not None and not recipe["model"]["init_from"]
+    model = model_for(recipe, tokenizer.vocab_size, seed,
+                      "meta" if sharded_init else "cpu" if mesh is not None else settings.device)
     parameters = sum(p.numel() for p in model.parameters())
     val_rows = val_rows[: settings.eval_batches * settings.micro_batch_size]
     val_batches = [(rows, None) for rows in val_rows.split(settings.micro_batch_size)]
@@ -154,6 +158,8 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
         log(f"mesh: {world} ranks, dp_shard={mesh.dp_shard} (replicate {mesh.dp_replicate}), ep={mesh.ep}, "
             f"{per_rank} sequences per rank per step")
     distributed.parallelize(model, mesh, parallel.activation_checkpointing)
+    if sharded_init:
+        distributed.materialize(model, seed, mesh.device)
     batches = LoaderBatches(PackedLoader(train_rows, per_rank, seed=seed, rank=rank, world_size=world),
                             settings.micro_batch_size)
 
