@@ -388,6 +388,21 @@ def test_two_processes_match_one(runs, layout):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_two_processes_start_from_a_checkpoint_as_one(runs):
+    """model.init_from under torchrun: each rank reads only its rows of the HF folder
+    (distributed.load_sharded), and training goes on exactly as from one process's load."""
+    folder = runs["single"] / "final"
+    out = {}
+    for name, extra, procs in (("one", [], 1), ("two", ["parallel.dp_shard=2", "parallel.ep=2"], 2)):
+        out[name] = runs["root"] / f"init_from_{name}"
+        _pretrain(out[name], runs["corpus"], runs["tokenizer"], f"model.init_from={folder}", *extra, procs=procs)
+    _compare(out["two"], out["one"])
+    first = read_metrics(out["one"] / "metrics.jsonl")[0]["loss"]
+    assert first < read_metrics(runs["single"] / "metrics.jsonl")[0]["loss"]  # it did start from the weights
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_save_on_two_resume_on_one_and_two(runs):
     import shutil
 

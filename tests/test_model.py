@@ -219,3 +219,33 @@ def test_rms_norm_backward_matches_autograd_of_the_formula():
     ref_dx, ref_dw = torch.autograd.grad(ref, (ref_x, norm.weight), upstream)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-6)
+
+
+def test_reader_reads_row_ranges(tmp_path):
+    """CheckpointReader (sharded loading) returns rows a:b of a tensor as the whole read does,
+    for FP8 block-scaled matrices cut inside a scale block and for stacked experts."""
+    import json
+
+    from openk2 import ModelConfig
+    from openk2.model.hf import CheckpointReader
+
+    model = build_model(tiny(), seed=4)
+    save_model(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [4, 8]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"  # [64, 32]: 16 x 4 scale blocks
+    scale = torch.rand(16, 4, generator=torch.Generator().manual_seed(0)) + 0.5
+    tensors[name] = (tensors[name] / scale.repeat_interleave(4, 0).repeat_interleave(8, 1)).to(torch.float8_e4m3fn)
+    tensors[name.replace("weight", "weight_scale_inv")] = scale
+    save_file(tensors, tmp_path / "model.safetensors")
+
+    reader = CheckpointReader(tmp_path, ModelConfig.from_hf(tmp_path))
+    whole = reader.read(name)
+    assert whole.shape == (64, 32) and whole.dtype == torch.float32
+    for a, b in ((0, 64), (5, 13), (30, 31), (60, 64)):
+        assert torch.equal(reader.read(name, a, b), whole[a:b])
+    experts = "model.layers.1.mlp.experts.up_proj"
+    assert reader.shape(experts) == (8, 32, 64)
+    assert torch.equal(reader.read(experts, 2, 5), model.state_dict()[experts][2:5])

@@ -4,6 +4,8 @@ Written: the released K2 layout (per-expert `mlp.experts.{e}.{gate,up,down}_proj
 which transformers 4.x and 5.x and inference servers all load. Read: that layout, the
 fused 3-D `mlp.experts.gate_up_proj` / `down_proj` that transformers 5.x writes, and FP8
 block-quantised matrices (`weight_scale_inv`, as released), dequantised on load.
+`CheckpointReader` reads any tensor, or a range of its leading rows, in openk2 names: the
+basis of `load_model` and of the sharded load under torchrun (train/distributed.py).
 """
 
 from __future__ import annotations
@@ -112,59 +114,115 @@ def _open_tensors(directory: Path) -> dict[str, Path]:
     return out
 
 
-def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                    row_offset: int = 0) -> torch.Tensor:
+    """weight rows row_offset.. of a block-quantised matrix; scale_inv holds the blocks from the
+    one containing row_offset on."""
     rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return weight.float() * scale
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[row_offset : row_offset + rows]
+    return weight.float() * scale.repeat_interleave(block[1], 1)[:, :cols]
+
+
+class CheckpointReader:
+    """The tensors of an HF checkpoint folder in openk2 names (experts stacked from the
+    per-expert or the fused layout, FP8 dequantised), each read whole or as a range of its
+    leading dimension, so that a rank under torchrun reads only the rows it holds."""
+
+    def __init__(self, directory: str | Path, config: ModelConfig):
+        self.directory = Path(directory)
+        self.files = _open_tensors(self.directory)
+        self.block = tuple(config.extra.get("quantization_config", {}).get("weight_block_size", (128, 128)))
+        self._handles: dict[Path, object] = {}
+        # openk2 name -> ("plain", hf name) | ("experts", [hf name per expert]) | ("gate_up", hf name, half)
+        self.sources: dict[str, tuple] = {}
+        per_expert: dict[tuple[str, str], dict[int, str]] = {}
+        for name in self.files:
+            if name.endswith("weight_scale_inv") or name.endswith("rotary_emb.inv_freq"):
+                continue
+            layer = re.match(r"^model\.layers\.(\d+)\.", name)
+            if layer and int(layer.group(1)) >= config.num_hidden_layers:
+                continue  # multi-token-prediction layers, which openk2 does not build
+            if match := _EXPERT_ONE.match(name):
+                prefix, expert, proj = match.groups()
+                per_expert.setdefault((prefix, proj), {})[int(expert)] = name
+            elif match := _EXPERT_FUSED.match(name):
+                prefix, proj = match.groups()
+                if proj == "gate_up_proj":  # [E, 2I, D]: gate rows first
+                    self.sources[f"{prefix}.gate_proj"] = ("gate_up", name, 0)
+                    self.sources[f"{prefix}.up_proj"] = ("gate_up", name, 1)
+                else:
+                    self.sources[f"{prefix}.down_proj"] = ("plain", name)
+            else:
+                self.sources[name] = ("plain", name)
+        for (prefix, proj), experts in per_expert.items():
+            missing = [e for e in range(config.n_routed_experts) if e not in experts]
+            if missing:
+                raise CheckpointError(
+                    f"{self.directory}: missing tensor {prefix}.{missing[0]}.{proj}.weight "
+                    f"({len(missing)} experts of {prefix} lack {proj})"
+                )
+            self.sources[f"{prefix}.{proj}"] = ("experts", [experts[e] for e in range(config.n_routed_experts)])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        kind, source, *rest = self.sources[name]
+        if kind == "experts":
+            return (len(source), *self._slice(source[0]).get_shape())
+        shape = tuple(self._slice(source).get_shape())
+        return (shape[0], shape[1] // 2, *shape[2:]) if kind == "gate_up" else shape
+
+    def read(self, name: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows start:end of tensor `name` (all of it by default)."""
+        kind, source, *rest = self.sources[name]
+        end = self.shape(name)[0] if end is None else end
+        if kind == "experts":
+            return torch.stack([self._rows(expert, 0, None) for expert in source[start:end]])
+        if kind == "gate_up":
+            return self._rows(source, start, end).chunk(2, dim=1)[rest[0]]
+        return self._rows(source, start, end)
+
+    def _slice(self, hf_name: str):
+        path = self.files[hf_name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path].get_slice(hf_name)
+
+    def _rows(self, hf_name: str, start: int, end: int | None) -> torch.Tensor:
+        tensor_slice = self._slice(hf_name)
+        end = tensor_slice.get_shape()[0] if end is None else end
+        tensor = tensor_slice[start:end]
+        scale_name = hf_name.removesuffix("weight") + "weight_scale_inv"
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in self.files:
+            first = start // self.block[0]
+            scale = self._slice(scale_name)[first : -(-end // self.block[0])]
+            tensor = _dequantize_fp8(tensor, scale, self.block, row_offset=start - first * self.block[0])
+        return tensor
 
 
 def read_hf_state_dict(directory: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder in openk2 names (experts stacked, FP8 dequantised)."""
-    directory = Path(directory)
-    files = _open_tensors(directory)
-    block = tuple(config.extra.get("quantization_config", {}).get("weight_block_size", (128, 128)))
-    handles: dict[Path, object] = {}
+    reader = CheckpointReader(directory, config)
+    return {name: reader.read(name) for name in reader.sources}
 
-    def get(name: str) -> torch.Tensor:
-        path = files[name]
-        if path not in handles:
-            handles[path] = safe_open(path, framework="pt")
-        return handles[path].get_tensor(name)
 
-    state: dict[str, torch.Tensor] = {}
-    per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for name in files:
-        if name.endswith("weight_scale_inv") or name.endswith("rotary_emb.inv_freq"):
-            continue
-        layer = re.match(r"^model\.layers\.(\d+)\.", name)
-        if layer and int(layer.group(1)) >= config.num_hidden_layers:
-            continue  # multi-token-prediction layers, which openk2 does not build
-        tensor = get(name)
-        scale_name = name.removesuffix("weight") + "weight_scale_inv"
-        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and scale_name in files:
-            tensor = _dequantize_fp8(tensor, get(scale_name), block)
-        if match := _EXPERT_ONE.match(name):
-            prefix, expert, proj = match.groups()
-            per_expert.setdefault((prefix, proj), {})[int(expert)] = tensor
-        elif match := _EXPERT_FUSED.match(name):
-            prefix, proj = match.groups()
-            if proj == "gate_up_proj":
-                gate, up = tensor.chunk(2, dim=1)  # [E, 2I, D]: gate rows first
-                state[f"{prefix}.gate_proj"], state[f"{prefix}.up_proj"] = gate, up
-            else:
-                state[f"{prefix}.down_proj"] = tensor
-        else:
-            state[name] = tensor
-    for (prefix, proj), experts in per_expert.items():
-        expected = range(config.n_routed_experts)
-        missing = [e for e in expected if e not in experts]
-        if missing:
+def check_tensor_shapes(directory: str | Path, found: dict[str, tuple[int, ...]],
+                        expected: dict[str, tuple[int, ...]]) -> None:
+    """CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    missing = [name for name in expected if name not in found]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    unexpected = [name for name in found if name not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{directory}: unexpected tensor {unexpected[0]} for this config.json"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+    for name, shape in found.items():
+        if tuple(shape) != tuple(expected[name]):
             raise CheckpointError(
-                f"{directory}: missing tensor {prefix}.{missing[0]}.{proj}.weight "
-                f"({len(missing)} experts of {prefix} lack {proj})"
+                f"{directory}: tensor {name} has shape {list(shape)}, config.json implies {list(expected[name])}"
             )
-        state[f"{prefix}.{proj}"] = torch.stack([experts[e] for e in expected])
-    return state
 
 
 def load_model(
@@ -184,24 +242,8 @@ def load_model(
     config = ModelConfig.from_hf(directory)
     state = read_hf_state_dict(directory, config)
     model = build_model(config, device="meta")
-    expected = model.state_dict()
-    missing = [name for name in expected if name not in state]
-    if missing:
-        raise CheckpointError(
-            f"{directory}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    unexpected = [name for name in state if name not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"{directory}: unexpected tensor {unexpected[0]} for this config.json"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-        )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(
-                f"{directory}: tensor {name} has shape {list(tensor.shape)}, config.json implies "
-                f"{list(expected[name].shape)}"
-            )
+    check_tensor_shapes(directory, {name: tuple(t.shape) for name, t in state.items()},
+                        {name: tuple(t.shape) for name, t in model.state_dict().items()})
     if dtype is None:
         dtype = state["lm_head.weight"].dtype
     for name, tensor in state.items():

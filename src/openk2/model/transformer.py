@@ -128,14 +128,23 @@ class K2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_constants(self) -> None:
-        """Everything not drawn at random: ones for norms, zeros for biases, the router bias and
-        the statistics; recomputes non-persistent buffers (needed after `to_empty` from meta)."""
+        """Everything not drawn at random: ones for norms, zeros for biases and the router bias,
+        then `reset_buffers`."""
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
             elif isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
-            elif isinstance(module, (RMSNorm, RotaryEmbedding)):
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The non-persistent buffers, which no checkpoint holds: rotary tables recomputed,
+        statistics zeroed (needed after `to_empty` from meta)."""
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
                 module.reset_parameters()
         for attn in self.attention_layers():
             attn.max_logits.zero_()

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ConfigError
-from openk2.model import MLP, Experts, MoE
+from openk2.model import MLP, Experts, MoE, build_model
+from openk2.model.hf import CheckpointReader, check_tensor_shapes
 from openk2.model.norm import RMSNorm
 from openk2.optim.muon import is_dtensor
 from openk2.train.loss import linear_cross_entropy
@@ -430,27 +431,57 @@ def materialize(model: nn.Module, seed: int, device: torch.device) -> None:
     from the same CPU generator, a few MB at a time, and each rank keeps the rows it holds
     (FSDP row blocks, its experts). Every rank draws every value once, so the generator
     advances exactly as on one process (CPU time grows with the model; memory does not)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     model.to_empty(device=device)
-    owners = {id(p): m for m in model.modules() if isinstance(m, ExpertParallel)
-              for p in (m.gate_proj, m.up_proj, m.down_proj)}
     generator = torch.Generator().manual_seed(seed)  # build_model initialises on the CPU
     std = model.config.initializer_range
+    blocks = _row_blocks(model)
     for weight in model.normal_init_tensors():
-        local, start, shape = weight, 0, tuple(weight.shape)
-        if is_dtensor(weight):
-            local_shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh,
-                                                                        weight.placements)
+        local, start, shape = blocks[id(weight)]
+        _draw_rows(local, start, shape, std, generator)
+    model.init_constants()
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, directory: str | os.PathLike, device: torch.device) -> None:
+    """Allocate a meta-built, parallelised model's shards on `device` and fill them from an HF
+    checkpoint folder (what `load_model` reads), each rank reading only the rows it holds
+    (`CheckpointReader`); bad folders fail as `load_model` fails, naming the tensor."""
+    config = model.config
+    reader = CheckpointReader(directory, config)
+    expected = {name: tuple(t.shape) for name, t in build_model(config, device="meta").state_dict().items()}
+    check_tensor_shapes(directory, {name: reader.shape(name) for name in reader.sources}, expected)
+    model.to_empty(device=device)
+    blocks = _row_blocks(model)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        local, start, _ = blocks[id(tensor)]
+        if local.shape[0]:
+            local.copy_(reader.read(name, start, start + local.shape[0]))
+    model.reset_buffers()
+
+
+def _row_blocks(model: nn.Module) -> dict[int, tuple[torch.Tensor, int, tuple[int, ...]]]:
+    """id(tensor) -> (the local tensor this rank holds, its first row in the whole tensor, the
+    whole tensor's shape) for every parameter and persistent buffer of a parallelised model:
+    FSDP's row blocks of DTensors, and an expert-parallel rank's experts of the [E, ...] stack."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    owners = {id(p): m for m in model.modules() if isinstance(m, ExpertParallel)
+              for p in (m.gate_proj, m.up_proj, m.down_proj)}
+    blocks = {}
+    for tensor in model.state_dict(keep_vars=True).values():
+        local, start, shape = tensor, 0, tuple(tensor.shape)
+        if is_dtensor(tensor):
+            local_shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                                        tensor.placements)
             if any(offset[1:]) or tuple(local_shape[1:]) != shape[1:]:
-                raise NotImplementedError(f"materialize: {weight.placements} shards beyond dim 0")
-            local, start = weight.to_local(), offset[0]
-        owner = owners.get(id(weight))
+                raise NotImplementedError(f"{tensor.placements}: shards beyond dim 0")
+            local, start = tensor.to_local(), offset[0]
+        owner = owners.get(id(tensor))
         if owner is not None:  # this rank's experts of the layer's [E, ...] stack
             start += owner.first
             shape = (owner.num_experts, *shape[1:])
-        _draw_rows(local, start, shape, std, generator)
-    model.init_constants()
+        blocks[id(tensor)] = (local, start, shape)
+    return blocks
 
 
 def _draw_rows(local: torch.Tensor, start: int, shape: tuple[int, ...], std: float,

@@ -81,7 +81,10 @@ def model_for(recipe: dict, vocab_size: int, seed: int, device: str) -> K2ForCau
     """[model] init_from (an HF folder) or preset + overrides, sized to the tokenizer."""
     section = recipe["model"]
     if section["init_from"]:
-        model = load_model(section["init_from"], dtype=torch.float32, device=device)
+        if device == "meta":  # shapes only: distributed.load_sharded fills the shards later
+            model = build_model(ModelConfig.from_hf(section["init_from"]), device="meta")
+        else:
+            model = load_model(section["init_from"], dtype=torch.float32, device=device)
         if model.config.vocab_size < vocab_size:
             raise ConfigError(f"model.init_from={section['init_from']!r} has vocab_size {model.config.vocab_size}, "
                               f"smaller than the tokenizer's {vocab_size}")
@@ -142,11 +145,9 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
     if info.skipped_lines:
         log(f"skipped {info.skipped_lines} malformed record(s)")
     log(f"data: {info.train.tokens:,} train tokens in {len(train_rows):,} rows, {info.val.tokens:,} validation tokens")
-    # Under torchrun a model trained from scratch is built on the meta device and each rank
-    # materialises only its shards after parallelize (no rank ever holds the whole model).
-    sharded_init = mesh is not None and not recipe["model"]["init_from"]
-    model = model_for(recipe, tokenizer.vocab_size, seed,
-                      "meta" if sharded_init else "cpu" if mesh is not None else settings.device)
+    # Under torchrun the model is built on the meta device and, after parallelize, each rank
+    # initialises or loads only its shards: no rank ever holds the whole model.
+    model = model_for(recipe, tokenizer.vocab_size, seed, "meta" if mesh is not None else settings.device)
     parameters = sum(p.numel() for p in model.parameters())
     val_rows = val_rows[: settings.eval_batches * settings.micro_batch_size]
     val_batches = [(rows, None) for rows in val_rows.split(settings.micro_batch_size)]
@@ -158,7 +159,9 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
         log(f"mesh: {world} ranks, dp_shard={mesh.dp_shard} (replicate {mesh.dp_replicate}), ep={mesh.ep}, "
             f"{per_rank} sequences per rank per step")
     distributed.parallelize(model, mesh, parallel.activation_checkpointing)
-    if sharded_init:
+    if mesh is not None and recipe["model"]["init_from"]:
+        distributed.load_sharded(model, recipe["model"]["init_from"], mesh.device)
+    elif mesh is not None:
         distributed.materialize(model, seed, mesh.device)
     batches = LoaderBatches(PackedLoader(train_rows, per_rank, seed=seed, rank=rank, world_size=world),
                             settings.micro_batch_size)
