@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -33,9 +33,10 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing files or tensors, or holds tensors of the wrong shape."""
 
 
-def _hf_tensors(model: K2ForCausalLM, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """State dict in HF names: stacked experts become one tensor per expert."""
-    for name, tensor in model.state_dict().items():
+def _hf_tensors(state: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(openk2 name, tensor) pairs in HF names: stacked experts become one tensor per expert."""
+    for name, tensor in state:
         if dtype is not None and tensor.is_floating_point() and not _keeps_float32(name):
             tensor = tensor.to(dtype)
         match = _EXPERT_STACK.match(name)
@@ -58,34 +59,56 @@ def save_model(
     max_shard_bytes: int = 4 * 1024**3,
 ) -> Path:
     """Write config.json and safetensors (sharded with an index above `max_shard_bytes`)."""
+    return save_state(model.config, model.state_dict().items(), directory,
+                      dtype or model.lm_head.weight.dtype, max_shard_bytes)
+
+
+def save_state(
+    config: ModelConfig,
+    state: Iterable[tuple[str, torch.Tensor]],
+    directory: str | Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> Path:
+    """`save_model` from (openk2 name, tensor) pairs, consumed one at a time: a safetensors
+    file is written as soon as it is full, so at most one file's tensors are held in memory
+    (the distributed export streams gathered tensors through this)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in _hf_tensors(model, dtype):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.detach().to("cpu").contiguous().clone()
-        size += nbytes
     for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX_NAME]:
         stale.unlink(missing_ok=True)
-    weight_dtype = dtype or model.lm_head.weight.dtype
-    config = model.config.to_hf(for_transformers=True)
-    config["torch_dtype"] = str(weight_dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_NAME, metadata=metadata)
+    written: list[tuple[Path, list[str]]] = []  # temporary file, its tensor names
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = directory / f"model-part-{len(written) + 1:05d}.safetensors"
+        save_file(shard, path, metadata=metadata)
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in _hf_tensors(state, dtype):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = tensor.detach().to("cpu").contiguous().clone()
+        size += nbytes
+        total += nbytes
+    if shard or not written:
+        flush()
+    hf_config = config.to_hf(for_transformers=True)
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if len(written) == 1:
+        written[0][0].rename(directory / SINGLE_NAME)
         return directory
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / filename, metadata=metadata)
-        for name, tensor in shard.items():
-            weight_map[name] = filename
-            total += tensor.numel() * tensor.element_size()
+    weight_map = {}
+    for i, (path, names) in enumerate(written, start=1):
+        filename = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(directory / filename)
+        weight_map.update({name: filename for name in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return directory

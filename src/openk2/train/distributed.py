@@ -41,6 +41,7 @@ import functools
 import math
 import os
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -617,13 +618,13 @@ def copy_full_into(state: dict[str, torch.Tensor], full: dict[str, torch.Tensor]
         target.copy_(source.to(device=target.device, dtype=target.dtype))
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Every tensor of model_state() at full size on CPU, on rank 0 (None elsewhere).
-    Collective: all ranks call it."""
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor at full size on CPU) for every tensor of model_state(), one at a time,
+    yielded on rank 0 only. Each gather is collective: every rank must run the iteration to its
+    end (the other ranks get nothing), so rank 0 never holds more than one whole tensor."""
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    out = {}
     for name, tensor in model_state(model).items():
         full = tensor.full_tensor() if is_dtensor(tensor) else tensor
         if rank0:
-            out[name] = full.detach().cpu()
-    return out if rank0 else None
+            yield name, full.detach().cpu()
+        del full

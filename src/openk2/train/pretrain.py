@@ -24,6 +24,7 @@ from openk2.config import ConfigError, ModelConfig, preset
 from openk2.data.corpus import PackedLoader, bits_per_byte, build_datasets, iter_texts, unigram_loss
 from openk2.data.tokenizer import K2Tokenizer, train_tokenizer
 from openk2.model import K2ForCausalLM, build_model, load_model, save_model
+from openk2.model.hf import save_state
 from openk2.optim import OptimConfig
 from openk2.recipe import model_overrides
 from openk2.train import distributed
@@ -171,12 +172,13 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
             save_model(trained, run_dir / "final")
             tokenizer.save(run_dir / "final")
             return
-        full = distributed.full_model_state(trained)
+        tensors = distributed.full_tensors(trained)  # gathered one at a time, written as they come
         if rank0:
-            plain = build_model(trained.config, device="meta")
-            plain.load_state_dict(full, assign=True)
-            save_model(plain, run_dir / "final")
+            save_state(trained.config, tensors, run_dir / "final", torch.float32)
             tokenizer.save(run_dir / "final")
+        else:
+            for _ in tensors:  # take part in every gather
+                pass
 
     summary = train(run_dir, model, OptimConfig.from_dict(recipe["optim"]), settings, batches, val_batches,
                     resume=resume, log=log, on_final=save_final, show_progress=show_progress, mesh=mesh,
