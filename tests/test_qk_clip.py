@@ -105,31 +105,6 @@ def test_clipped_head_logits_scale_by_exactly_gamma(q_lora):
             assert torch.equal(p.detach(), weights[name]), name
 
 
-@pytest.mark.parametrize("with_momentum", [False, True])
-def test_momentum_rows_follow_the_clip_only_when_asked(with_momentum):
-    """optim.qk_clip_momentum (not K2's algorithm, off by default) gives a clipped head's Muon
-    momentum rows the same factors as its weight rows; otherwise momentum is left alone."""
-    model = one_layer_model(True)
-    attn = next(model.attention_layers())
-    ids = torch.randint(0, 512, (2, 32))
-    model(ids)
-    boost_heads(attn, {0: 400.0}, model.max_logits()[0])
-    model.reset_stats()
-    opt = build_optimizer(model, OptimConfig(lr=0.0, qk_clip_tau=TAU, qk_clip_momentum=with_momentum))
-    loss_of(model, ids).backward()
-    gamma = TAU / model.max_logits()[0, 0]
-    w_before = attn.q_b_proj.weight.detach().clone()
-    opt.step()
-    momentum = opt.muon.state[attn.q_b_proj.weight]["momentum_buffer"]  # M = G after one step
-    grad = attn.q_b_proj.weight.grad
-    H, N, R = attn.num_heads, attn.nope_dim, attn.rope_dim
-    w_ratio = (attn.q_b_proj.weight.detach() / w_before).view(H, N + R, -1)
-    m_ratio = (momentum / grad).view(H, N + R, -1)
-    torch.testing.assert_close(w_ratio[0, :N], torch.full_like(w_ratio[0, :N], float(gamma.sqrt())))
-    expected = w_ratio if with_momentum else torch.ones_like(m_ratio)
-    torch.testing.assert_close(m_ratio, expected)
-
-
 def test_qk_clip_disabled_and_adamw():
     model = one_layer_model(True)
     attn = next(model.attention_layers())

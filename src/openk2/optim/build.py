@@ -40,7 +40,6 @@ class OptimConfig:
     lr: float = 2e-4
     weight_decay: float = 0.1
     qk_clip_tau: float = 100.0          # 0 disables QK-Clip (works with "adamw" too)
-    qk_clip_momentum: bool = False      # also rescale clipped heads' Muon momentum rows (not K2's)
     momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
@@ -234,8 +233,7 @@ class MuonClip:
             return {**stats, "clipped_heads": 0, "skipped": True}
         for optimizer in self.optimizers:
             optimizer.step()
-        clipped = qk_clip(self.model.attention_layers(), max_logits, c.qk_clip_tau,
-                          state_of=self._momentum_of if c.qk_clip_momentum else None)
+        clipped = qk_clip(self.model.attention_layers(), max_logits, c.qk_clip_tau)
         if c.router_bias_rate > 0 and counts.numel():
             update_router_bias(self.model.moe_layers(), counts, c.router_bias_rate, c.router_bias_centered)
         self.model.reset_stats()
@@ -243,10 +241,6 @@ class MuonClip:
         return {**stats, "clipped_heads": int(clipped.sum()), "skipped": False}
 
     # ---- helpers of step() ----
-    def _momentum_of(self, weight: torch.Tensor) -> list[torch.Tensor]:
-        state = self.muon.state.get(weight, {}) if self.muon is not None else {}
-        return [state["momentum_buffer"]] if "momentum_buffer" in state else []
-
     def _grads(self) -> list[torch.Tensor]:
         return [local_tensor(p.grad) for p in self.params if p.grad is not None]
 

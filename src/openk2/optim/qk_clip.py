@@ -16,7 +16,7 @@ shard with the matching slice of the row-scale vector, so no gather is needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -29,15 +29,12 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 
 @torch.no_grad()
-def qk_clip(attention_layers: Iterable, max_logits: torch.Tensor, tau: float,
-            state_of: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> torch.Tensor:
+def qk_clip(attention_layers: Iterable, max_logits: torch.Tensor, tau: float) -> torch.Tensor:
     """Rescale the heads whose max logit exceeds tau (K2_SPEC §2, QK-Clip).
 
     attention_layers: the model's MLAttention modules in order; max_logits [layers, heads]:
     S_max per head over all of this step's forward passes (all micro-batches and, when
     distributed, all replicas). Returns the bool mask [layers, heads] of clipped heads.
-    `state_of(weight)`, if given, names tensors laid out like a weight (optimizer state) whose
-    rows get the same factors: not part of K2's algorithm (optim.qk_clip_momentum, docs/LOG.md).
     """
     clipped = max_logits > tau
     if tau <= 0:
@@ -46,8 +43,7 @@ def qk_clip(attention_layers: Iterable, max_logits: torch.Tensor, tau: float,
     for attn, layer_gamma, any_clipped in zip(attention_layers, gamma, clipped.any(dim=1).tolist()):
         if any_clipped:
             for weight, row_scale in attn.qk_clip_row_scales(layer_gamma):
-                for tensor in [weight, *(state_of(weight) if state_of is not None else [])]:
-                    scale_rows_(tensor, row_scale)
+                scale_rows_(weight, row_scale)
     return clipped
 
 
