@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
@@ -242,12 +243,40 @@ def _full_single_process_state(path: Path, model: torch.nn.Module, optimizer: An
     return full
 
 
+def _checkpoint_tensors(path: Path, shapes: dict[str, torch.Tensor]):
+    """(name, tensor) of a checkpoint's model, one decoder layer's tensors at a time (a partial
+    torch.distributed.checkpoint load, or safetensors reads), so an export never holds the whole
+    model."""
+    if not is_sharded(path):
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            missing = [name for name in shapes if name not in f.keys()]
+            if missing:
+                raise ValueError(f"checkpoint {path}: model.safetensors lacks {missing[0]}")
+            for name in shapes:
+                yield name, f.get_tensor(name)
+        return
+    import torch.distributed.checkpoint as dcp
+
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        groups.setdefault(".".join(parts[:3]) if parts[:2] == ["model", "layers"] else "", []).append(name)
+    for names in groups.values():
+        state = {f"model.{n}": torch.empty(shapes[n].shape, dtype=shapes[n].dtype) for n in names}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path)
+        for n in names:
+            yield n, state.pop(f"model.{n}")
+
+
 def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """An HF model folder (openk2.save_model layout, loadable by transformers) from a training
-    checkpoint of either format; one process. The tokenizer comes from `tokenizer`, else from
+    checkpoint of either format; one process, one decoder layer's tensors in memory at a time. The tokenizer comes from `tokenizer`, else from
     RUN/tokenizer next to RUN/checkpoints, when there is one."""
     from openk2.config import ModelConfig
-    from openk2.model import build_model, save_model
+    from openk2.model import build_model
+    from openk2.model.hf import save_state
 
     path, out = Path(path), Path(out)
     problem = verify_checkpoint(path)
@@ -256,17 +285,9 @@ def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path |
     if not (path / "config.json").is_file():
         raise ValueError(f"checkpoint {path} has no config.json (written by openk2 0.1 checkpoints since "
                          "distributed training); export the run's final/ folder instead")
-    model = build_model(ModelConfig.from_hf(path / "config.json"), device="cpu", seed=None)
-    if is_sharded(path):
-        import torch.distributed.checkpoint as dcp
-
-        state = {f"model.{k}": v for k, v in model.state_dict().items()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=path)
-    else:
-        model.load_state_dict(load_file(path / "model.safetensors"))
-    save_model(model, out)
+    config = ModelConfig.from_hf(path / "config.json")
+    shapes = build_model(config, device="meta").state_dict()  # names, global shapes, dtypes
+    save_state(config, _checkpoint_tensors(path, shapes), out, torch.float32)
     tokenizer = Path(tokenizer) if tokenizer else path.parent.parent / "tokenizer"
     if (tokenizer / "tokenizer.json").is_file():
         for file in tokenizer.iterdir():
