@@ -1,13 +1,16 @@
 """Where the time goes: torch.profiler tables for openk2's tiny training step and batched decode,
 at one and two threads side by side (the figures in docs/LOG.md's profiling entries).
 
-    python benchmarks/profile_step.py [--what train decode] [--preset tiny] [--rows 25]
+    python benchmarks/profile_step.py [--what train decode compare] [--preset tiny] [--rows 25]
 
 train:  benchmarks/train_step.py's step (forward + backward + AdamW, fp32, 8 x 256 tokens).
 decode: Engine.generate of 8 prompts of 128 tokens, 33 greedy tokens, as benchmarks/decode.py.
 For each, the step time per thread count (fastest of 3; decode steps exclude the prefill) and
 the time per op per step, self and with the ops it calls (decode: per generated token, the
 prefill spread over them).
+compare: the training step of openk2 and of transformers (eager experts and attention, the
+same weights) profiled side by side at the current thread count: every matmul call by input
+shapes, then the other ops (self time per step, mean of 3 steps).
 """
 
 from __future__ import annotations
@@ -46,14 +49,60 @@ def decode_run(name: str):
     return generate, lambda: (timed(generate) - timed(lambda: generate(1))) / (DECODE_TOKENS - 1)
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+
+
+def compare(name: str, rows: int) -> None:
+    """openk2's and transformers' training steps, op by op (the module docstring's `compare`)."""
+    import os
+    import tempfile
+
+    import transformers
+    from train_step import transformers_loss
+
+    from openk2 import save_model
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    model = build_model(preset(name), seed=0)
+    tables = {}
+    with tempfile.TemporaryDirectory() as folder:
+        save_model(model, folder)
+        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager")
+        for side, net, loss in (("openk2", model, openk2_loss), ("transformers", hf, transformers_loss)):
+            step = step_fn(net, loss)
+            step()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(3):
+                    step()
+            tables[side] = {(e.key, str(e.input_shapes) if e.key in MATMULS else ""):
+                            e.self_cpu_time_total / 3e3 for e in prof.key_averages(group_by_input_shape=True)}
+    keys = sorted(set(tables["openk2"]) | set(tables["transformers"]),
+                  key=lambda k: -max(tables["openk2"].get(k, 0.0), tables["transformers"].get(k, 0.0)))
+    print(f"\ncompare ({torch.get_num_threads()} threads), self ms per step")
+    for title, matmul in (("matmuls by input shapes", True), ("other ops", False)):
+        print(f"\n{title:<90}{'openk2':>10}{'transformers':>14}")
+        for key in [k for k in keys if (k[0] in MATMULS) == matmul][:rows]:
+            label = f"{key[0]} {key[1]}"[:90]
+            ours, theirs = tables["openk2"].get(key, 0.0), tables["transformers"].get(key, 0.0)
+            print(f"{label:<90}{ours:>10.1f}{theirs:>14.1f}")
+        for side in tables:
+            print(f"  {title} total, {side}: "
+                  f"{sum(v for k, v in tables[side].items() if (k[0] in MATMULS) == matmul):,.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", nargs="+", default=["train", "decode"], choices=["train", "decode"])
+    parser.add_argument("--what", nargs="+", default=["train", "decode"],
+                        choices=["train", "decode", "compare"])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     print(f"machine: {cpu_name()}, torch {torch.__version__}, preset {args.preset}")
     for what in args.what:
+        if what == "compare":
+            compare(args.preset, args.rows)
+            continue
         fn, step_seconds = (train_step if what == "train" else decode_run)(args.preset)
         steps = 1 if what == "train" else DECODE_TOKENS  # per profiled call
         per_op: dict[int, dict[str, float]] = {}

@@ -59,8 +59,8 @@ def main() -> None:
     complete = {1.0: muon[-1]}  # fraction -> (tokens, final val) of a complete Muon run
     for fraction in sorted(args.fractions):
         steps = round(fraction * args.steps)
-        records = run(args.out / f"muonclip_lr{best['muonclip']:g}_steps{steps}", args.recipe,
-                      [f"train.steps={steps}", *common, "optim.name=muonclip", f"optim.lr={best['muonclip']}"])
+        overrides = [f"train.steps={steps}", *common, "optim.name=muonclip", f"optim.lr={best['muonclip']}"]
+        records = run(args.out / f"muonclip_lr{best['muonclip']:g}_steps{steps}", args.recipe, overrides)
         complete[fraction] = val_curve(records)[-1]
         print(f"muonclip lr={best['muonclip']:g}, complete run of {steps} steps: final val "
               f"{complete[fraction][1]:.4f}", flush=True)
@@ -90,7 +90,8 @@ def main() -> None:
     dump(args.out / "muon_vs_adamw.json", summary)
     print(f"best lr: {best}; AdamW final val {target:.4f} at {adamw[-1][0]:,} tokens; Muon reaches it at "
           f"{reached if reached is None else f'{reached:,.0f}'} tokens mid-run -> ratio {ratio}; "
-          f"complete runs reach it at {complete_reached if complete_reached is None else f'{complete_reached:,.0f}'} "
+          f"complete runs reach it at "
+          f"{complete_reached if complete_reached is None else f'{complete_reached:,.0f}'} "
           f"tokens -> ratio {complete_ratio}")
 
 

@@ -272,8 +272,9 @@ def _checkpoint_tensors(path: Path, shapes: dict[str, torch.Tensor]):
 
 def export_checkpoint(path: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
     """An HF model folder (openk2.save_model layout, loadable by transformers) from a training
-    checkpoint of either format; one process, one decoder layer's tensors in memory at a time. The tokenizer comes from `tokenizer`, else from
-    RUN/tokenizer next to RUN/checkpoints, when there is one."""
+    checkpoint of either format; one process, one decoder layer's tensors in memory at a time.
+    The tokenizer comes from `tokenizer`, else from RUN/tokenizer next to RUN/checkpoints, when
+    there is one."""
     from openk2.config import ModelConfig
     from openk2.model import build_model
     from openk2.model.hf import save_state
