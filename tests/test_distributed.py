@@ -104,19 +104,42 @@ def _tiny(**overrides):
     return openk2.preset("tiny", **{**kw, **overrides})
 
 
-@pytest.mark.parametrize("shape", [(8, 128, 256), (8192, 256), (33, 3), (35, 7), (7, 5), (3,), (1, 1)])
-def test_sharded_draws_equal_one_normal_call(shape):
-    """materialize's chunked replay draws what one normal_ over the whole tensor draws, so a
-    rank's rows equal the single-process values whatever the split (odd sizes, short tails)."""
-    from openk2.train.distributed import _draw_rows
+@pytest.mark.parametrize("shape", [(8, 128, 256), (8192, 256), (33, 3), (35, 7), (7, 5), (1, 1)])
+def test_initial_rows_drawn_alone_equal_whole_tensor(shape, monkeypatch):
+    """NormalInit draws any rows of any tensor alone (what a rank does in materialize) with the
+    values a whole-tensor fill gives, whatever the cut, device-side dtype or block size."""
+    from openk2.model import init
 
-    expected = torch.empty(shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(3))
-    rows = shape[0]
-    for cuts in ([0, rows], [0, rows // 3, rows], sorted({0, 1, rows // 2, rows})):
-        for a, b in zip(cuts, cuts[1:]):
-            local = torch.full((b - a, *shape[1:]), float("nan"))
-            _draw_rows(local, a, shape, 0.02, torch.Generator().manual_seed(3))
-            assert torch.equal(local, expected[a:b])
+    for block in (init.BLOCK_ELEMENTS, 64):  # one block per tensor here, and many
+        monkeypatch.setattr(init, "BLOCK_ELEMENTS", block)
+        whole = init.NormalInit(3, 0.02)
+        before, expected = torch.empty(5, 9), torch.empty(shape)
+        whole.fill(before, before.shape)  # a tensor drawn first moves the block counter on
+        whole.fill(expected, shape)
+        rows = shape[0]
+        for cuts in ([0, rows], [0, rows // 3, rows], sorted({0, 1, rows // 2, rows})):
+            for a, b in zip(cuts, cuts[1:]):
+                part = init.NormalInit(3, 0.02)
+                part.fill(torch.empty(0, 9), before.shape)
+                local = torch.full((b - a, *shape[1:]), float("nan"), dtype=torch.float64)
+                part.fill(local, shape, a)
+                assert torch.equal(local.float(), expected[a:b])
+
+
+def test_initial_blocks_are_distinct(monkeypatch):
+    """Every block has its own stream, and another seed gives other values."""
+    from openk2.model import init
+
+    monkeypatch.setattr(init, "BLOCK_ELEMENTS", 32)
+    values = torch.empty(64, 32)
+    init.NormalInit(0, 1.0).fill(values, values.shape)
+    assert len({tuple(row.tolist()) for row in values}) == 64
+    other = torch.empty(64, 32)
+    init.NormalInit(1, 1.0).fill(other, other.shape)
+    assert not torch.isclose(values, other).any()
+    assert 0.9 < values.std() < 1.1 and abs(values.mean()) < 0.05
+    with pytest.raises(ValueError, match="outside"):
+        init.NormalInit(0, 1.0).fill(torch.empty(3, 32), (4, 32), first_row=2)
 
 
 @pytest.mark.parametrize("mode", ["selective", "full"])

@@ -15,6 +15,7 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.attention import MLAttention
+from openk2.model.init import NormalInit
 from openk2.model.moe import MLP, Experts, MoE, Router
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import RotaryEmbedding
@@ -106,15 +107,17 @@ class K2ForCausalLM(nn.Module):
     # ---- initialisation -------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix (`normal_init_tensors`, drawn in that
-        order from one generator seeded with `seed`), then `init_constants`."""
+        """Normal(0, initializer_range) for every matrix of `normal_init_tensors`, then
+        `init_constants`. With a seed the values come from `NormalInit` (model/init.py): the
+        same on any device and under any sharding (`train.distributed.materialize` draws a
+        rank's rows alone); without one, from torch's global generator."""
         std = self.config.initializer_range
-        generator = None
-        if seed is not None:
-            device = next(self.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(seed)
+        draws = None if seed is None else NormalInit(seed, std)
         for weight in self.normal_init_tensors():
-            weight.normal_(0.0, std, generator=generator)
+            if draws is None:
+                weight.normal_(0.0, std)
+            else:
+                draws.fill(weight, weight.shape)
         self.init_constants()
 
     def normal_init_tensors(self) -> Iterator[torch.Tensor]:

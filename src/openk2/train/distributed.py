@@ -53,6 +53,7 @@ from torch import nn
 from openk2.config import ConfigError
 from openk2.model import MLP, Experts, MoE, build_model
 from openk2.model.hf import CheckpointReader, check_tensor_shapes
+from openk2.model.init import NormalInit
 from openk2.model.norm import RMSNorm
 from openk2.optim.muon import is_dtensor
 from openk2.train.loss import linear_cross_entropy
@@ -428,17 +429,14 @@ def parallelize(model: nn.Module, mesh: Mesh | None, activation_checkpointing: s
 def materialize(model: nn.Module, seed: int, device: torch.device) -> None:
     """Allocate a meta-built, parallelised model's shards on `device` and initialise them to the
     values `build_model(config, seed=seed)` gives on one process, without any rank holding a
-    whole model: the random draws are replayed in the model's order (`normal_init_tensors`)
-    from the same CPU generator, a few MB at a time, and each rank keeps the rows it holds
-    (FSDP row blocks, its experts). Every rank draws every value once, so the generator
-    advances exactly as on one process (CPU time grows with the model; memory does not)."""
+    whole model: `NormalInit` draws, in the model's order (`normal_init_tensors`), only the
+    seeded row blocks that overlap the rows this rank holds (FSDP row blocks, its experts)."""
     model.to_empty(device=device)
-    generator = torch.Generator().manual_seed(seed)  # build_model initialises on the CPU
-    std = model.config.initializer_range
+    draws = NormalInit(seed, model.config.initializer_range)
     blocks = _row_blocks(model)
     for weight in model.normal_init_tensors():
         local, start, shape = blocks[id(weight)]
-        _draw_rows(local, start, shape, std, generator)
+        draws.fill(local, shape, start)
     model.init_constants()
 
 
@@ -483,27 +481,6 @@ def _row_blocks(model: nn.Module) -> dict[int, tuple[torch.Tensor, int, tuple[in
             shape = (owner.num_experts, *shape[1:])
         blocks[id(tensor)] = (local, start, shape)
     return blocks
-
-
-def _draw_rows(local: torch.Tensor, start: int, shape: tuple[int, ...], std: float,
-               generator: torch.Generator) -> None:
-    """Draw a whole [rows, ...] Normal(0, std) tensor of `shape` chunk by chunk and copy rows
-    start.. into `local`. Chunks hold multiples of 16 values and the last holds at least 16,
-    which makes torch's CPU `normal_` draw exactly what one call on the whole tensor draws."""
-    rows, row_size = shape[0], math.prod(shape[1:])
-    unit = 16 // math.gcd(row_size, 16)  # rows that hold a multiple of 16 values
-    step = max(unit, (1 << 22) // row_size // unit * unit)  # ~16 MB of float32 per chunk
-    end = start + local.shape[0]
-    r0 = 0
-    while r0 < rows:
-        r1 = min(rows, r0 + step)
-        if (rows - r1) * row_size < 16:  # a short last chunk would take torch's scalar path
-            r1 = rows
-        values = torch.empty((r1 - r0, *shape[1:])).normal_(0.0, std, generator=generator)
-        a, b = max(r0, start), min(r1, end)
-        if a < b:
-            local[a - start : b - start].copy_(values[a - r0 : b - r0])
-        r0 = r1
 
 
 # ---- gradients --------------------------------------------------------------------------------
