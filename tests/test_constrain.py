@@ -15,19 +15,8 @@ from openk2 import build_model, preset
 from openk2.data.chat import parse_assistant
 from openk2.data.tokenizer import train_tokenizer
 from openk2.infer import Engine, SamplingParams
-from openk2.infer.constrain import (
-    IM_END,
-    MARKER_CHARS,
-    Grammar,
-    Limits,
-    Lit,
-    SchemaError,
-    Seq,
-    TokenVocab,
-    json_grammar,
-    schema_node,
-    tool_call_grammar,
-)
+from openk2.infer.constrain import IM_END, MARKER_CHARS, Grammar, TokenVocab, json_grammar, tool_call_grammar
+from openk2.infer.schema import Limits, Lit, SchemaError, Seq, schema_node
 
 VOCAB = 640
 

@@ -461,7 +461,8 @@ def test_chat_session_runs_tool_calls(checkpoint):
     def submit(prompt, params, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:  # script the first reply through logit biases, one token at a time
-            from openk2.infer.constrain import Grammar, Lit, TokenVocab
+            from openk2.infer.constrain import Grammar, TokenVocab
+            from openk2.infer.schema import Lit
 
             vocab = TokenVocab.of(tokenizer)
             text = "".join(vocab.strings[t] for t in section)

@@ -36,8 +36,9 @@ from openk2.data.chat import (
     encode_chat,
     parse_assistant,
 )
-from openk2.infer.constrain import Grammar, SchemaError, json_grammar, token_bytes, tool_call_grammar
+from openk2.infer.constrain import Grammar, json_grammar, token_bytes, tool_call_grammar
 from openk2.infer.engine import Completion, Engine, EngineError, SamplingParams
+from openk2.infer.schema import SchemaError
 
 
 class APIError(Exception):
