@@ -355,7 +355,9 @@ class CompressedDecoder:
             q_src = proj[:, C + self.rope :]
             if a.q_norm is not None:
                 q_src = a.w_q(_rms_norm(q_src, a.q_norm, eps))
-            q = q_src.reshape(B, H, -1)
+            # [B, H, C + R]. Contiguous: _Matrix leaves few-row outputs transposed, and CPU bmm
+            # on that layout falls back to one matmul per sequence (3-4x slower here).
+            q = q_src.reshape(B, H, -1).contiguous()
             if not a.q_folded:  # q_nope · W_UK per head: [H, B, N] @ [H, N, C]
                 nope = q.shape[-1] - self.rope
                 q_latent = torch.bmm(q[..., :nope].transpose(0, 1), a.w_uk).transpose(0, 1)
