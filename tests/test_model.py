@@ -109,6 +109,17 @@ def test_meta_then_materialise_is_deterministic():
         assert torch.equal(p, q), n
 
 
+def test_initial_values_depend_on_seed_not_dtype():
+    """NormalInit: a bf16 build holds the float32 build's values rounded; another seed differs."""
+    a = build_model(tiny(), seed=11)
+    b = build_model(tiny(), dtype=torch.bfloat16, seed=11)
+    c = build_model(tiny(), seed=12)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p.to(q.dtype), q), name
+        if p.ndim >= 2:
+            assert not torch.equal(p, r), name
+
+
 def test_fused_expert_layout_loads(tmp_path):
     model = build_model(tiny(), seed=4)
     save_model(model, tmp_path)

@@ -50,7 +50,8 @@ class NormalInit:
         if not 0 <= first_row <= end <= rows:
             raise ValueError(f"rows {first_row}..{end} are outside a tensor of shape {shape}")
         in_place = out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
-        for b in range(first_row // per_block, -(-end // per_block)):
+        blocks = range(first_row // per_block, -(-end // per_block)) if end > first_row else ()
+        for b in blocks:
             r0, r1 = b * per_block, min(rows, (b + 1) * per_block)
             generator = torch.Generator().manual_seed((self.base + self.block + b) & 0xFFFFFFFF)
             if in_place and first_row <= r0 and r1 <= end:
