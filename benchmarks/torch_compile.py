@@ -6,7 +6,8 @@
   the routing).
 - decode: the engine's batch-8 decode step at 128 cached tokens (benchmarks/decode.py's
   measure), eager against `torch.compile(decoder.decode, dynamic=True)`; torch._grouped_mm has
-  no CPU float32 compile path, so it runs behind `torch.compiler.disable` (a graph break).
+  no CPU float32 compile path, so it runs behind `torch.compiler.disable` (a graph break; the
+  wrapper is process-wide, a no-op Python call for the eager side).
 
 Prints each side's best and median over alternating rounds, the compile time, and whether the
 compiled decode produced the same tokens. Needs a C++ compiler (inductor's CPU backend).
@@ -26,7 +27,6 @@ from train_step import openk2_loss, step_fn
 
 from openk2 import build_model, preset
 from openk2.infer import Engine, SamplingParams
-from openk2.model.moe import Experts
 
 BATCH, CONTEXT, TOKENS = 8, 128, 33
 
@@ -34,7 +34,8 @@ BATCH, CONTEXT, TOKENS = 8, 128, 33
 def train_contenders() -> dict:
     eager = build_model(preset("tiny"), seed=0)
     compiled = build_model(preset("tiny"), seed=0)
-    Experts.forward = torch.compiler.disable(Experts.forward)
+    for moe in compiled.moe_layers():  # this model's routed experts only
+        moe.experts.forward = torch.compiler.disable(moe.experts.forward)
     for layer in compiled.model.layers:
         layer.compile()
     start = time.perf_counter()
