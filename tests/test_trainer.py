@@ -146,6 +146,14 @@ def test_cli_reports_bad_data(tmp_path):
     assert "bad.jsonl:2" in result.stdout + result.stderr
 
 
+def test_cli_errors_print_brackets_verbatim(tmp_path):
+    """Error text quoting recipe sections ([train]) is not eaten as console markup."""
+    result = subprocess.run([sys.executable, "-m", "openk2", "pretrain", "--out", str(tmp_path / "r"),
+                             "--set", "train.stepz=3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "[train] takes steps" in " ".join((result.stdout + result.stderr).split())
+
+
 def test_bfloat16_autocast(tmp_path, corpus):
     run = tmp_path / "bf16"
     run_pretrain(run, corpus, "train.steps=3", "train.checkpoint_every=0", "train.dtype=bfloat16")

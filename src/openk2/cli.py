@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from openk2.config import PRESETS, ConfigError, ModelConfig, param_counts, preset
@@ -24,8 +25,13 @@ console = Console(soft_wrap=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")  # messages quote recipes: [train], paths
     raise typer.Exit(code=2)
+
+
+def _log(message: str) -> None:
+    """Progress lines of a stage, printed as they are (they hold data: paths, model samples)."""
+    console.print(message, markup=False)
 
 
 def _model_config(preset_name: str | None, config_path: Path | None) -> ModelConfig:
@@ -60,7 +66,7 @@ def params(
     if as_json:
         print(json.dumps(counts))
         return
-    table = Table(title=f"parameters: {config or preset_name}")
+    table = Table(title=escape(f"parameters: {config or preset_name}"))
     table.add_column("count")
     table.add_column("value", justify="right")
     for key, value in counts.items():
@@ -85,7 +91,7 @@ def init(
     config = _model_config(preset_name, None)
     model = build_model(config, dtype=getattr(torch, dtype), seed=seed)
     save_model(model, out)
-    console.print(f"wrote {preset_name} ({param_counts(config)['total']:,} parameters, seed {seed}) to {out}")
+    _log(f"wrote {preset_name} ({param_counts(config)['total']:,} parameters, seed {seed}) to {out}")
 
 
 RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="a TOML recipe (see recipes/)")]
@@ -125,7 +131,7 @@ def tokenizer_train(
     except (DataError, ValueError) as e:
         _fail(str(e))
     tokenizer.save(out)
-    console.print(f"wrote a {tokenizer.vocab_size:,}-token tokenizer to {out}")
+    _log(f"wrote a {tokenizer.vocab_size:,}-token tokenizer to {out}")
 
 
 @app.command()
@@ -142,11 +148,11 @@ def pretrain(
 
     config = _recipe(recipe, overrides)
     try:
-        summary = run_pretrain(config, out, resume=resume, log=console.print)
+        summary = run_pretrain(config, out, resume=resume, log=_log)
     except (ConfigError, DataError, NonFiniteError) as e:
         _fail(str(e))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
-        console.print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']}, "
+        _log(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']}, "
                       f"model in {out / 'final'}")
 
 
@@ -169,7 +175,7 @@ def plan(
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    console.print(format_plan(result, gpu_memory, str(recipe or "defaults")))
+    _log(format_plan(result, gpu_memory, str(recipe or "defaults")))
 
 
 @app.command()
@@ -185,7 +191,7 @@ def export(
         export_checkpoint(checkpoint, out, tokenizer)
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    console.print(f"wrote {out}")
+    _log(f"wrote {out}")
 
 
 @app.command()
@@ -202,10 +208,10 @@ def speedrun(
 
     config = _recipe(recipe if recipe.is_file() else None, overrides)
     try:
-        report = run_speedrun(config, out, resume=resume, log=console.print)
+        report = run_speedrun(config, out, resume=resume, log=_log)
     except (ConfigError, DataError, NonFiniteError) as e:
         _fail(str(e))
-    console.print(f"report: {report}")
+    _log(f"report: {report}")
 
 
 @app.command()

@@ -32,7 +32,7 @@ def samples(model_dir: Path, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: in
 def speedrun(recipe: dict, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
     run_dir = Path(run_dir)
     pre_dir = run_dir / "pretrain"
-    log("[bold]stage 1-2: tokenizer and pre-training[/]")
+    log("stage 1-2: tokenizer and pre-training")
     summary = pretrain(recipe, pre_dir, resume=resume, log=log)
     report = Report(run_dir, "openk2 speedrun")
     records = [r for r in read_metrics(pre_dir / "metrics.jsonl")]
@@ -57,7 +57,7 @@ def speedrun(recipe: dict, run_dir: str | Path, resume: bool = False, log: Calla
     texts = samples(pre_dir / "final")
     body += "\n\nSamples (temperature 0.8):\n\n" + "\n\n".join(f"```\n{t}\n```" for t in texts)
     for text in texts:
-        log(f"[dim]sample:[/] {text!r}")
+        log(f"sample: {text!r}")
     report.add("Pre-training", body)
     (run_dir / "speedrun.json").write_text(json.dumps({"pretrain": summary}, indent=2) + "\n")
     return report.write()
