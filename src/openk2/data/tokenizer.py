@@ -234,6 +234,8 @@ class K2Tokenizer:
     @classmethod
     def load(cls, directory: str | Path) -> K2Tokenizer:
         path = Path(directory)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():

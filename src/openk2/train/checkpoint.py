@@ -157,6 +157,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file matches the manifest, else the reason it does not."""
     manifest_path = path / MANIFEST
+    if not path.is_dir():
+        return "no such folder (a checkpoint is RUN/checkpoints/step_NNNNNNN)"
     if not manifest_path.is_file():
         return "no manifest.json (the write did not finish)"
     try:
