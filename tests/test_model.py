@@ -190,6 +190,15 @@ def test_no_weights_is_reported(tmp_path):
         load_model(tmp_path)
 
 
+def test_truncated_weights_file_is_named(tmp_path):
+    save_model(build_model(tiny()), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_model(tmp_path)
+
+
 def test_bfloat16_keeps_router_in_float32(tmp_path):
     model = build_model(tiny(), dtype=torch.bfloat16)
     router = next(model.moe_layers()).gate

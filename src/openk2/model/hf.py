@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from openk2.config import ConfigError, ModelConfig
@@ -132,9 +132,17 @@ def _open_tensors(directory: Path) -> dict[str, Path]:
         raise CheckpointError(f"{directory}: no safetensors weights (expected {SINGLE_NAME} or {INDEX_NAME})")
     out = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        with _safe_open(path) as f:
             out.update({name: path for name in f.keys()})
     return out
+
+
+def _safe_open(path: Path):
+    """safe_open, with an unreadable file (truncated, not safetensors) named in a CheckpointError."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); copy or export it again") from None
 
 
 def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -206,7 +214,7 @@ class CheckpointReader:
     def _slice(self, hf_name: str):
         path = self.files[hf_name]
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            self._handles[path] = _safe_open(path)
         return self._handles[path].get_slice(hf_name)
 
     def _rows(self, hf_name: str, start: int, end: int | None) -> torch.Tensor:
