@@ -429,11 +429,16 @@ def test_calculator_is_safe_arithmetic():
         "1 / 0",
         "factorial(10**6)",
         "x" * 600,
+        "1e308 * 10",  # inf: not valid JSON for the model
+        "1e400 - 1e400",
+        "1" * 400,
+        "2 ** -100000",
     ]:
         with pytest.raises(CalculatorError):
             calculate(bad)
     assert json.loads(run_tool("calculator", '{"expression": "6 * 7"}')) == {"result": 42}
     assert "error" in json.loads(run_tool("calculator", "{not json"))
+    assert "missing \"expression\"" in json.loads(run_tool("calculator", '{"expr": "1 + 1"}'))["error"]
     assert "now" in json.loads(run_tool("clock", "{}"))
     assert "error" in json.loads(run_tool("clock", '{"timezone": "Mars/Olympus"}'))
     assert "error" in json.loads(run_tool("rm", "{}"))

@@ -66,7 +66,15 @@ def calculate(expression: str) -> int | float:
         tree = ast.parse(expression.replace("^", "**"), mode="eval")
     except SyntaxError as e:
         raise CalculatorError(f"not an arithmetic expression: {e.msg}") from None
-    return _evaluate(tree.body)
+    return _checked(_evaluate(tree.body))
+
+
+def _checked(value: int | float) -> int | float:
+    """A value within bounds; inf or nan would not even be valid JSON."""
+    if (isinstance(value, int) and abs(value) > _MAX_MAGNITUDE) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise CalculatorError("the result is too large" if value == value else "the result is not a number")
+    return value
 
 
 def _evaluate(node: ast.AST) -> int | float:
@@ -78,8 +86,9 @@ def _evaluate(node: ast.AST) -> int | float:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _evaluate(node.left), _evaluate(node.right)
-        if isinstance(node.op, ast.Pow) and (abs(right) > _MAX_EXPONENT or (
-                abs(left) > 1 and right > 0 and right * math.log10(abs(left)) > 300)):
+        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
+            raise CalculatorError(f"the exponent is too large (at most {_MAX_EXPONENT:,} in size)")
+        if isinstance(node.op, ast.Pow) and abs(left) > 1 and right > 0 and right * math.log10(abs(left)) > 300:
             raise CalculatorError("the result is too large")
         try:
             value = _BINARY[type(node.op)](left, right)
@@ -87,9 +96,7 @@ def _evaluate(node: ast.AST) -> int | float:
             raise CalculatorError("division by zero") from None
         if isinstance(value, complex):
             raise CalculatorError("the result is not a real number")
-        if isinstance(value, int) and abs(value) > _MAX_MAGNITUDE:
-            raise CalculatorError("the result is too large")
-        return value
+        return _checked(value)
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS
             and not node.keywords):
         args = [_evaluate(a) for a in node.args]
@@ -124,7 +131,9 @@ def run_tool(name: str, arguments: str) -> str:
         return json.dumps({"error": "arguments must be a JSON object"})
     try:
         if name == "calculator":
-            return json.dumps({"result": calculate(args.get("expression", ""))})
+            if "expression" not in args:
+                return json.dumps({"error": 'missing "expression": the arithmetic to evaluate, e.g. "2 * (3 + 4)"'})
+            return json.dumps({"result": calculate(args["expression"])})
         if name == "clock":
             return json.dumps({"now": clock(args.get("timezone"))})
     except (CalculatorError, ValueError, OverflowError) as e:
