@@ -354,6 +354,24 @@ def test_weights_refresh_and_no_training_statistics(model):
     assert_greedy(model, prompt, out.token_ids)
 
 
+def test_non_finite_logits_fail_the_request_not_the_engine():
+    """NaN weights make NaN logits: the request fails naming them instead of emitting token 0
+    forever, and the engine serves again once the weights are fixed."""
+    from openk2.infer import EngineError
+
+    model = build_model(small_config(), seed=3)
+    engine = Engine(model, max_batch=2, max_len=32)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    good = model.lm_head.weight[7].clone()
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    with pytest.raises(EngineError, match="not finite"):
+        engine.generate([[3, 1, 4]], params)
+    with torch.no_grad():
+        model.lm_head.weight[7] = good
+    assert len(engine.generate([[3, 1, 4]], params)[0].token_ids) == 4
+
+
 def test_bfloat16_model_generates(tokenizer):
     model = build_model(small_config(), dtype=torch.bfloat16, seed=0)
     engine = Engine(model, tokenizer, max_batch=2, max_len=48)

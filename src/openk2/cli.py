@@ -247,12 +247,13 @@ def chat(
 ) -> None:
     """Chat in the terminal in K2's format; the model's tool calls run the built-in tools."""
     from openk2.infer.chat_cli import chat as run_chat
+    from openk2.infer.engine import EngineError
     from openk2.model import CheckpointError
 
     try:
         run_chat(path, message=message, system=system, max_tokens=max_tokens, temperature=temperature,
                  seed=seed, tools=tools)
-    except (CheckpointError, ConfigError, OSError) as e:
+    except (CheckpointError, ConfigError, EngineError, OSError) as e:
         _fail(str(e))
 
 

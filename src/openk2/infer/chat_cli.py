@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from openk2.data.chat import ToolCallStreamParser, assign_tool_call_ids, encode_chat
+from openk2.infer.engine import EngineError
 
 BUILTIN_TOOLS: list[dict] = [
     {"type": "function", "function": {
@@ -240,4 +241,7 @@ def chat(path: str | Path, message: str | None = None, system: str | None = None
             session.reset()
             continue
         if text.strip():
-            session.send(text)
+            try:
+                session.send(text)
+            except EngineError as e:  # the message failed; the dialogue goes on
+                print(f"\n[error: {e}]", flush=True)

@@ -428,12 +428,17 @@ class Engine:
     # ---- sampling ------------------------------------------------------------------------------
     def _sample_and_update(self, logits: torch.Tensor, seqs: list[_Sequence], first_slot: int) -> None:
         logits = logits.float().cpu()  # sampling runs on the host (a no-op copy on CPU)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         tokens, raw, sampled, top = sample(logits, seqs)
         tokens, raw, sampled = tokens.tolist(), raw.tolist(), sampled.tolist()
         top_list = None if top is None else (top[0].tolist(), top[1].tolist())
         finished: list[int] = []
         for i, s in enumerate(seqs):
-            if s.handle.cancelled:
+            if not finite[i]:  # sampling from NaN would emit token 0 forever
+                s.completion.error = (
+                    "the model's logits are not finite (NaN or inf): its weights hold non-finite "
+                    "values or its activations overflowed; check the checkpoint, or run it in float32")
+            if s.handle.cancelled or not finite[i]:
                 self._finish(s, FINISH_ABORT, None)
                 finished.append(first_slot + i)
                 continue
