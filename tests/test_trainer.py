@@ -186,3 +186,26 @@ def test_on_step_sees_each_step_and_extends_its_record(tmp_path, corpus):
     assert "val_loss" in records[-1]
     final = load_model(tmp_path / "run" / "final")
     assert torch.equal(weights[-1], final.lm_head.weight)  # the last call saw the updated weights
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+    """--resume checks the [model] section against the run's recipe.json before touching it, and
+    a checkpoint that does not fit the model fails with a ConfigError, not a state_dict dump."""
+    from openk2 import build_model, preset
+    from openk2.optim import OptimConfig, build_optimizer
+    from openk2.train.checkpoint import load_checkpoint, save_checkpoint
+    from openk2.train.pretrain import check_resumable
+
+    recipe = load_recipe(None, ["model.num_hidden_layers=2"])
+    saved = tmp_path / "recipe.json"
+    saved.write_text(json.dumps(recipe))
+    check_resumable(load_recipe(None, ["model.num_hidden_layers=2", "train.steps=900"]), saved)  # fine
+    with pytest.raises(ConfigError, match=r"model.num_hidden_layers=2 \(now 3\)"):
+        check_resumable(load_recipe(None, ["model.num_hidden_layers=3"]), saved)
+    assert json.loads(saved.read_text()) == recipe
+
+    small = build_model(preset("tiny", num_hidden_layers=2, vocab_size=256), seed=0)
+    path = save_checkpoint(tmp_path / "run", 1, small, build_optimizer(small, OptimConfig()), {})
+    bigger = build_model(preset("tiny", num_hidden_layers=3, vocab_size=256), seed=0)
+    with pytest.raises(ConfigError, match="does not fit this model.*model.layers.2"):
+        load_checkpoint(path, bigger, build_optimizer(bigger, OptimConfig()))

@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from openk2.config import ConfigError
+
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 
@@ -202,7 +204,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> dict[
     if is_sharded(path) or _world_size() > 1:
         _load_resharded(Path(path), model, optimizer)
     else:
-        model.load_state_dict(load_file(path / "model.safetensors"))
+        try:
+            model.load_state_dict(load_file(path / "model.safetensors"))
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+            raise ConfigError(f"checkpoint {path} does not fit this model ({detail[:300]}...); "
+                              "resume with the model settings it was trained with") from None
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     state = torch.load(path / "trainer.pt", weights_only=True)
     state.pop("world_size", None)

@@ -115,6 +115,23 @@ def pretrain(recipe: dict, run_dir: str | Path, resume: bool = False, log: Calla
             distributed.close_distributed()
 
 
+def check_resumable(recipe: dict, saved_path: Path) -> None:
+    """A resumed run must build the model its checkpoints hold: the [model] section has to equal
+    the one in the run's recipe.json (other sections may change, e.g. train.steps)."""
+    if not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())["model"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{saved_path}: unreadable, so --resume cannot check the model settings; "
+                          "restore it or start a new --out") from None
+    changed = [f"model.{k}={saved.get(k)!r} (now {recipe['model'].get(k)!r})"
+               for k in sorted(set(saved) | set(recipe["model"])) if saved.get(k) != recipe["model"].get(k)]
+    if changed:
+        raise ConfigError(f"--resume: this run's checkpoints were trained with {', '.join(changed)}; resume "
+                          f"with the model settings of {saved_path}, or train the new model in a new --out")
+
+
 def _quiet(message: str) -> None:
     pass
 
@@ -128,6 +145,8 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
     if recipe["train"]["threads"]:
         torch.set_num_threads(recipe["train"]["threads"])
     torch.manual_seed(seed)
+    if resume:
+        check_resumable(recipe, run_dir / "recipe.json")
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
