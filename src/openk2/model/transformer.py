@@ -155,6 +155,13 @@ class K2ForCausalLM(nn.Module):
             moe.tokens_per_expert.zero_()
 
 
+def decoder_layer_prefix(name: str) -> str | None:
+    """"model.layers.{i}" for a state-dict key inside decoder layer i, else None (embedding,
+    final norm, LM head): the unit in which large models are sharded, saved and exported."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] and len(parts) > 3 else None
+
+
 def build_model(
     config: ModelConfig,
     device: str | torch.device | None = None,

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from openk2.config import ConfigError
+from openk2.model import decoder_layer_prefix
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
@@ -268,8 +269,7 @@ def _checkpoint_tensors(path: Path, shapes: dict[str, torch.Tensor]):
 
     groups: dict[str, list[str]] = {}
     for name in shapes:
-        parts = name.split(".")
-        groups.setdefault(".".join(parts[:3]) if parts[:2] == ["model", "layers"] else "", []).append(name)
+        groups.setdefault(decoder_layer_prefix(name) or "", []).append(name)
     for names in groups.values():
         state = {f"model.{n}": torch.empty(shapes[n].shape, dtype=shapes[n].dtype) for n in names}
         with warnings.catch_warnings():

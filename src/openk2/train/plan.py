@@ -43,7 +43,7 @@ import math
 from typing import Any
 
 from openk2.config import ModelConfig
-from openk2.model import build_model
+from openk2.model import build_model, decoder_layer_prefix
 from openk2.optim.build import classify_parameters
 from openk2.optim.muon import NS_BATCH_ELEMENTS, dtype_from_name
 from openk2.train.distributed import ParallelConfig
@@ -135,10 +135,10 @@ def loss_bytes(c: ModelConfig, tokens: int, act: int) -> int:
 def _unit_of(name: str) -> str:
     """The FSDP unit of a parameter (train/distributed.py: one per decoder layer, the embedding,
     the LM head, and the root)."""
-    parts = name.split(".")
-    if parts[:2] == ["model", "layers"]:
-        return ".".join(parts[:3])
-    return name.rsplit(".", 1)[0] if parts[-2] in ("embed_tokens", "lm_head") else "root"
+    layer = decoder_layer_prefix(name)
+    if layer is not None:
+        return layer
+    return name.rsplit(".", 1)[0] if name.split(".")[-2] in ("embed_tokens", "lm_head") else "root"
 
 
 def activation_bytes_per_token(c: ModelConfig, mode: str, act: int,
