@@ -209,3 +209,33 @@ def test_resume_with_another_model_is_refused(tmp_path):
     bigger = build_model(preset("tiny", num_hidden_layers=3, vocab_size=256), seed=0)
     with pytest.raises(ConfigError, match="does not fit this model.*model.layers.2"):
         load_checkpoint(path, bigger, build_optimizer(bigger, OptimConfig()))
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path):
+    """Without --resume, a run folder with checkpoints or a final model is not overwritten."""
+    from openk2.train.checkpoint import previous_run, refuse_existing_run
+
+    run = tmp_path / "run"
+    refuse_existing_run(run)  # nothing there yet
+    (run / "final").mkdir(parents=True)
+    assert previous_run(run) == "a final model"
+    (run / "checkpoints" / "step_0000200").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="checkpoints up to step_0000200.*--resume"):
+        refuse_existing_run(run)
+
+
+def test_speedrun_default_folder_moves_past_finished_runs(tmp_path, monkeypatch):
+    """`./run.sh` twice: the second run goes to runs/speedrun-2; --resume keeps runs/speedrun."""
+    from typer.testing import CliRunner
+
+    import openk2.pipeline
+    from openk2.cli import app
+
+    folders = []
+    monkeypatch.setattr(openk2.pipeline, "speedrun", lambda recipe, out, resume, log: folders.append(out) or out)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "speedrun" / "pretrain" / "final").mkdir(parents=True)
+    runner = CliRunner()
+    assert runner.invoke(app, ["speedrun"]).exit_code == 0
+    assert runner.invoke(app, ["speedrun", "--resume"]).exit_code == 0
+    assert folders == [Path("runs/speedrun-2"), Path("runs/speedrun")]

@@ -196,7 +196,8 @@ def export(
 
 @app.command()
 def speedrun(
-    out: Annotated[Path, typer.Option("--out", help="run folder")] = Path("runs/speedrun"),
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="run folder (default: runs/speedrun, or runs/speedrun-N when that holds a run)")] = None,
     recipe: Annotated[Path, typer.Option("--recipe", help="pre-training recipe")] = Path("recipes/speedrun.toml"),
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option(help="resume the stages of an interrupted run")] = False,
@@ -205,6 +206,12 @@ def speedrun(
     from openk2.data.corpus import DataError
     from openk2.optim import NonFiniteError
     from openk2.pipeline import speedrun as run_speedrun
+    from openk2.train.checkpoint import previous_run
+
+    if out is None:  # a fresh default folder, so that ./run.sh can be run again
+        out, n = Path("runs/speedrun"), 2
+        while not resume and previous_run(out / "pretrain"):
+            out, n = Path(f"runs/speedrun-{n}"), n + 1
 
     config = _recipe(recipe if recipe.is_file() else None, overrides)
     try:

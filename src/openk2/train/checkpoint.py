@@ -157,6 +157,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def previous_run(run_dir: Path) -> str | None:
+    """What a run folder holds of an earlier run (its checkpoints, its final model), or None."""
+    found = list_checkpoints(Path(run_dir))
+    if found:
+        return f"checkpoints up to {found[-1].name}"
+    return "a final model" if (Path(run_dir) / "final").exists() else None
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A fresh (not resumed) run must not write into a folder that holds another run: that
+    run's metrics and model would be overwritten and its checkpoints mixed with the new ones."""
+    what = previous_run(run_dir)
+    if what:
+        raise ConfigError(f"{run_dir} already holds a run ({what}): pass --resume to continue it, or give "
+                          "another --out (delete the folder to start over)")
+
+
 def verify_checkpoint(path: Path) -> str | None:
     """None if every file matches the manifest, else the reason it does not."""
     manifest_path = path / MANIFEST

@@ -28,6 +28,7 @@ from openk2.model.hf import save_state
 from openk2.optim import OptimConfig
 from openk2.recipe import model_overrides
 from openk2.train import distributed
+from openk2.train.checkpoint import refuse_existing_run
 from openk2.train.trainer import TrainSettings, train
 
 
@@ -147,6 +148,8 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
     torch.manual_seed(seed)
     if resume:
         check_resumable(recipe, run_dir / "recipe.json")
+    else:
+        refuse_existing_run(run_dir)
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
