@@ -10,14 +10,14 @@ from openk2.train.metrics import read_metrics
 from openk2.train.pretrain import pretrain
 
 
-def run(out: Path, recipe: str, overrides: list[str], force: bool = False, on_step=None) -> list[dict]:
-    """Pre-train into `out` (reusing a finished run there unless `force`) and return its metrics.
+def run(out: Path, recipe: str, overrides: list[str], on_step=None) -> list[dict]:
+    """Pre-train into `out` and return its metrics: a finished run there is reused, an
+    interrupted one resumed from its newest checkpoint (delete `out` to start over).
     `on_step(model, micro_batches, record)` runs after every optimizer step (see trainer.train)."""
     out = Path(out)
-    done = out / "summary.json"
-    if force or not done.is_file():
+    if not (out / "summary.json").is_file():
         config = load_recipe(recipe, overrides)
-        pretrain(config, out, log=lambda message: None, show_progress=False, on_step=on_step)
+        pretrain(config, out, resume=True, log=lambda message: None, show_progress=False, on_step=on_step)
     return read_metrics(out / "metrics.jsonl")
 
 
