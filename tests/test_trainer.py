@@ -239,3 +239,20 @@ def test_speedrun_default_folder_moves_past_finished_runs(tmp_path, monkeypatch)
     assert runner.invoke(app, ["speedrun"]).exit_code == 0
     assert runner.invoke(app, ["speedrun", "--resume"]).exit_code == 0
     assert folders == [Path("runs/speedrun-2"), Path("runs/speedrun")]
+
+
+def test_init_and_export_refuse_a_model_folder(tmp_path):
+    """`openk2 init` / `export` never write over a model that is already in --out."""
+    from typer.testing import CliRunner
+
+    from openk2.cli import app
+
+    runner = CliRunner()
+    folder = tmp_path / "model"
+    assert runner.invoke(app, ["init", "--preset", "tiny", "--out", str(folder)]).exit_code == 0
+    before = (folder / "model.safetensors").read_bytes()
+    again = runner.invoke(app, ["init", "--preset", "tiny", "--seed", "1", "--out", str(folder)])
+    assert again.exit_code == 2 and "already holds a model" in again.output
+    export = runner.invoke(app, ["export", "--checkpoint", str(tmp_path), "--out", str(folder)])
+    assert export.exit_code == 2 and "already holds a model" in export.output
+    assert (folder / "model.safetensors").read_bytes() == before

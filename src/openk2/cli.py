@@ -34,6 +34,12 @@ def _log(message: str) -> None:
     console.print(message, markup=False)
 
 
+def _refuse_model_folder(out: Path) -> None:
+    """init and export write whole model folders: never over a model that is already there."""
+    if (out / "config.json").exists() or any(out.glob("*.safetensors")):
+        _fail(f"{out} already holds a model; delete it first or give another --out")
+
+
 def _model_config(preset_name: str | None, config_path: Path | None) -> ModelConfig:
     try:
         if config_path is not None:
@@ -89,6 +95,7 @@ def init(
     if dtype not in ("float32", "bfloat16"):
         _fail(f"--dtype {dtype!r}: use float32 or bfloat16")
     config = _model_config(preset_name, None)
+    _refuse_model_folder(out)
     model = build_model(config, dtype=getattr(torch, dtype), seed=seed)
     save_model(model, out)
     _log(f"wrote {preset_name} ({param_counts(config)['total']:,} parameters, seed {seed}) to {out}")
@@ -187,6 +194,7 @@ def export(
     """Write an HF model folder from a training checkpoint (single-process or sharded)."""
     from openk2.train.checkpoint import export_checkpoint
 
+    _refuse_model_folder(out)
     try:
         export_checkpoint(checkpoint, out, tokenizer)
     except (ConfigError, ValueError) as e:
