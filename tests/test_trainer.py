@@ -241,8 +241,9 @@ def test_speedrun_default_folder_moves_past_finished_runs(tmp_path, monkeypatch)
     assert folders == [Path("runs/speedrun-2"), Path("runs/speedrun")]
 
 
-def test_init_and_export_refuse_a_model_folder(tmp_path):
-    """`openk2 init` / `export` never write over a model that is already in --out."""
+def test_init_export_and_tokenizer_refuse_to_overwrite(tmp_path):
+    """`openk2 init` / `export` never write over a model in --out, `tokenizer train` over a
+    tokenizer."""
     from typer.testing import CliRunner
 
     from openk2.cli import app
@@ -255,4 +256,8 @@ def test_init_and_export_refuse_a_model_folder(tmp_path):
     assert again.exit_code == 2 and "already holds a model" in again.output
     export = runner.invoke(app, ["export", "--checkpoint", str(tmp_path), "--out", str(folder)])
     assert export.exit_code == 2 and "already holds a model" in export.output
+    (folder / "tokenizer.json").write_text("{}")
+    tokenizer = runner.invoke(app, ["tokenizer", "train", "--out", str(folder), "--vocab-size", "512"])
+    assert tokenizer.exit_code == 2 and "already holds a tokenizer.json" in tokenizer.output
+    assert (folder / "tokenizer.json").read_text() == "{}"
     assert (folder / "model.safetensors").read_bytes() == before

@@ -122,7 +122,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    out: OutOption,
+    out: Annotated[Path, typer.Option("--out", help="output folder (gets tokenizer.json)")],
     source: Annotated[list[str], typer.Option(help="'default' or text/JSONL/parquet paths")] = ["default"],
     vocab_size: Annotated[int, typer.Option(help="total size, special tokens included")] = 8192,
     seed: int = 0,
@@ -132,6 +132,8 @@ def tokenizer_train(
     from openk2.data.corpus import DataError, iter_texts
     from openk2.data.tokenizer import train_tokenizer
 
+    if (out / "tokenizer.json").exists():  # it may be a model's: a new one would garble it
+        _fail(f"{out} already holds a tokenizer.json; delete it first or give another --out")
     try:
         texts = iter_texts(source[0] if source == ["default"] else source, seed=seed, skip_bad_lines=skip_bad_lines)
         tokenizer = train_tokenizer(texts, vocab_size)
