@@ -162,7 +162,7 @@ def pretrain(
         _fail(str(e))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         _log(f"done: step {summary['step']}, loss {summary['loss']:.4f}, val_loss {summary['val_loss']}, "
-                      f"model in {out / 'final'}")
+             f"model in {out / 'final'}")
 
 
 @app.command()
