@@ -469,6 +469,21 @@ def test_sharded_run_exports_to_transformers(runs, tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_sharded_checkpoint_into_another_model_is_named(runs):
+    """A sharded checkpoint that does not fit the model fails with a ConfigError naming it."""
+    from openk2.optim import OptimConfig, build_optimizer
+    from openk2.train.checkpoint import load_checkpoint
+    from openk2.train.pretrain import config_for
+
+    config = _recipe(*SMALL, "model.num_hidden_layers=3")
+    model = openk2.build_model(config_for(config), seed=0)
+    checkpoint = runs["fsdp_ep"] / "checkpoints/step_0000003"
+    with pytest.raises(ConfigError, match="step_0000003 does not fit this model"):
+        load_checkpoint(checkpoint, model, build_optimizer(model, OptimConfig.from_dict(config["optim"])))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_torchrun_exits_nonzero_on_a_bad_mesh(runs, tmp_path):
     result = _pretrain(tmp_path / "bad", runs["corpus"], runs["tokenizer"], "parallel.dp_shard=3",
                        procs=2, check=False)

@@ -219,16 +219,18 @@ def is_sharded(path: Path) -> bool:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     """Restore model and optimizer in place; returns the trainer state (RNG already restored)."""
-    if is_sharded(path) or _world_size() > 1:
-        _load_resharded(Path(path), model, optimizer)
-    else:
-        try:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        if is_sharded(path) or _world_size() > 1:
+            _load_resharded(Path(path), model, optimizer)
+        else:
             model.load_state_dict(load_file(path / "model.safetensors"))
-        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-            detail = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
-            raise ConfigError(f"checkpoint {path} does not fit this model ({detail[:300]}...); "
-                              "resume with the model settings it was trained with") from None
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    except (CheckpointException, KeyError, RuntimeError, ValueError) as e:  # names or shapes differ
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"checkpoint {path} does not fit this model ({detail[:300]}...); "
+                          "resume with the model settings it was trained with") from None
     state = torch.load(path / "trainer.pt", weights_only=True)
     state.pop("world_size", None)
     set_rng_state(state.pop("rng"))
