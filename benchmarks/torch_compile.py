@@ -9,8 +9,9 @@
   no CPU float32 compile path, so it runs behind `torch.compiler.disable` (a graph break; the
   wrapper is process-wide, a no-op Python call for the eager side).
 
-Prints each side's best and median over alternating rounds, the compile time, and whether the
-compiled decode produced the same tokens. Needs a C++ compiler (inductor's CPU backend).
+Prints each side's best and median over alternating rounds, the compile time, whether the
+compiled decode produced the same tokens, and the graphs its graph breaks leave. Needs a C++
+compiler (inductor's CPU backend).
 
     python benchmarks/torch_compile.py [--what train decode] [--rounds 8]
 """
@@ -22,6 +23,7 @@ import statistics
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from common import cpu_name, rounds, timed
 from train_step import openk2_loss, step_fn
 
@@ -45,6 +47,7 @@ def train_contenders() -> dict:
 
 
 def decode_contenders() -> dict:
+    counters.clear()  # count the decode's graphs alone
     model = build_model(preset("tiny"), seed=0).eval()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (BATCH, CONTEXT), generator=g).tolist()
@@ -66,7 +69,9 @@ def decode_contenders() -> dict:
             return (timed(lambda: generate(TOKENS)) - timed(lambda: generate(1))) / (TOKENS - 1)
 
         contenders[name] = step_seconds
-    print(f"decode: compiled tokens equal eager tokens: {tokens['decode eager'] == tokens['decode compiled']}")
+    print(f"decode: compiled tokens equal eager tokens: {tokens['decode eager'] == tokens['decode compiled']}; "
+          f"{counters['stats']['unique_graphs']} graphs; graph breaks: "
+          f"{ {reason.splitlines()[0]: n for reason, n in counters['graph_break'].items()} }")
     return contenders
 
 

@@ -478,7 +478,7 @@ def test_sharded_checkpoint_into_another_model_is_named(runs):
     config = _recipe(*SMALL, "model.num_hidden_layers=3")
     model = openk2.build_model(config_for(config), seed=0)
     checkpoint = runs["fsdp_ep"] / "checkpoints/step_0000003"
-    with pytest.raises(ConfigError, match="step_0000003 does not fit this model"):
+    with pytest.raises(ConfigError, match="step_0000003 could not be loaded into this model"):
         load_checkpoint(checkpoint, model, build_optimizer(model, OptimConfig.from_dict(config["optim"])))
 
 

@@ -207,7 +207,7 @@ def test_resume_with_another_model_is_refused(tmp_path):
     small = build_model(preset("tiny", num_hidden_layers=2, vocab_size=256), seed=0)
     path = save_checkpoint(tmp_path / "run", 1, small, build_optimizer(small, OptimConfig()), {})
     bigger = build_model(preset("tiny", num_hidden_layers=3, vocab_size=256), seed=0)
-    with pytest.raises(ConfigError, match="does not fit this model.*model.layers.2"):
+    with pytest.raises(ConfigError, match="could not be loaded into this model.*model.layers.2"):
         load_checkpoint(path, bigger, build_optimizer(bigger, OptimConfig()))
 
 

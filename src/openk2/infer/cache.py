@@ -356,7 +356,7 @@ class CompressedDecoder:
             if a.q_norm is not None:
                 q_src = a.w_q(_rms_norm(q_src, a.q_norm, eps))
             # [B, H, C + R]. Contiguous: _Matrix leaves few-row outputs transposed, and CPU bmm
-            # on that layout falls back to one matmul per sequence (3-4x slower here).
+            # on that layout falls back to one matmul per sequence (docs/LOG.md).
             q = q_src.reshape(B, H, -1).contiguous()
             if not a.q_folded:  # q_nope · W_UK per head: [H, B, N] @ [H, N, C]
                 nope = q.shape[-1] - self.rope

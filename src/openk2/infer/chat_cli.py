@@ -72,9 +72,10 @@ def calculate(expression: str) -> int | float:
 
 def _checked(value: int | float) -> int | float:
     """A value within bounds; inf or nan would not even be valid JSON."""
-    if (isinstance(value, int) and abs(value) > _MAX_MAGNITUDE) or (
-            isinstance(value, float) and not math.isfinite(value)):
-        raise CalculatorError("the result is too large" if value == value else "the result is not a number")
+    if isinstance(value, float) and math.isnan(value):
+        raise CalculatorError("the result is not a number")
+    if (isinstance(value, int) and abs(value) > _MAX_MAGNITUDE) or (isinstance(value, float) and math.isinf(value)):
+        raise CalculatorError("the result is too large")
     return value
 
 

@@ -229,8 +229,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> dict[
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     except (CheckpointException, KeyError, RuntimeError, ValueError) as e:  # names or shapes differ
         detail = " ".join(str(e).split())
-        raise ConfigError(f"checkpoint {path} does not fit this model ({detail[:300]}...); "
-                          "resume with the model settings it was trained with") from None
+        raise ConfigError(f"checkpoint {path} could not be loaded into this model ({detail[:300]}...); "
+                          "if the model settings changed, resume with the ones it was trained with") from None
     state = torch.load(path / "trainer.pt", weights_only=True)
     state.pop("world_size", None)
     set_rng_state(state.pop("rng"))
