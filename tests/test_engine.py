@@ -83,7 +83,7 @@ CONFIGS = {
     ),
     "dense-first-2": dict(first_k_dense_replace=2, n_shared_experts=2),
 }
-PATHS = ["auto", "loop", "tall-skinny", "linear"]
+PATHS = ["auto", "loop", "tall-skinny", "linear", "packed", "sparse-experts"]
 
 
 CASES = [(name, "auto", fold) for name in CONFIGS for fold in (True, False)]
@@ -99,6 +99,13 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
         monkeypatch.setattr(cache_module, "_TRANSPOSE_COPIES", False)
     elif path == "linear":
         monkeypatch.setattr(cache_module, "_TALL_SKINNY_MAX_ROWS", 0)
+    elif path == "packed":  # every projection through oneDNN's pre-packed linear, even one row
+        if not cache_module._PACKED_LINEAR:
+            pytest.skip("this torch build has no oneDNN packed linear")
+        monkeypatch.setattr(cache_module, "_PACK_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(cache_module, "_PACK_ONE_ROW_MIN_ELEMENTS", 0)
+    elif path == "sparse-experts":  # routed experts never run densely for a few tokens
+        monkeypatch.setattr(cache_module, "_DENSE_EXPERTS", False)
     if not fold:
         monkeypatch.setattr(cache_module, "_FOLD_MAX_ELEMENTS", 0)
     model = build_model(small_config(**CONFIGS[name]), seed=1)
@@ -112,6 +119,9 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
     full = [full_logits(model, s) for s in seqs]
     cache = MLACache(model, slots=5, max_len=32)
     dec = CompressedDecoder(model, cache)
+    # four live sequences pick >= E = 8 experts between them: the dense few-token expert path
+    assert (any(f.all_up is not None for f in dec.weights.ffn)
+            == (cache_module._PACKED_LINEAR and path != "sparse-experts"))
     errors = []
     # first three prompts prefill together; the fourth joins later at slot 3 (continuous batching)
     first = dec.prefill([s[:p] for s, p in zip(seqs[:3], prompt_lens[:3])], 0, all_logits=True)
@@ -134,6 +144,21 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
             errors.append((logits[b] - full[b][positions[b]]).abs().max())
         positions = [p + 1 for p in positions]
     assert max(errors) < 1e-4, max(errors)
+
+
+@pytest.mark.skipif(not cache_module._PACKED_LINEAR, reason="this torch build has no oneDNN packed linear")
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+def test_decode_matrix_paths_agree(rows, monkeypatch):
+    monkeypatch.setattr(cache_module, "_PACK_MIN_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(rows, 60, generator=g)[:, 10:50]  # a strided view, as decode's slices are
+    expected = torch.nn.functional.linear(x, w, b)
+    for one_row in (0, 1 << 30):  # one row through the packed copy, or through the transposed one
+        monkeypatch.setattr(cache_module, "_PACK_ONE_ROW_MIN_ELEMENTS", one_row)
+        matrix = cache_module._Matrix(w, b)
+        assert matrix.packed is not None and (matrix.wt is None) == (one_row == 0)
+        torch.testing.assert_close(matrix(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_holds_only_latent_and_rotary_key(model):

@@ -21,8 +21,12 @@ absorbed query and output are one matmul each; for K2-sized layers they stay sep
 matmuls. The non-obvious choice: decode uses private copies of a few weights (fused q_a/kv_a
 rows, rotary rows permuted so interleaved RoPE becomes half-split RoPE, the softmax scale folded
 into the query, expert matrices in torch._grouped_mm's layout, transposed copies that MKL streams
-faster for a single row); `DecodeWeights.stale` notices in-place optimizer updates and
-`CompressedDecoder.refresh` rebuilds them.
+faster for a single row, oneDNN pre-packed copies of the large ones for a few rows);
+`DecodeWeights.stale` notices in-place optimizer updates and `CompressedDecoder.refresh` rebuilds
+them. When a decode batch's few tokens pick at least E experts between them, a MoE layer runs
+every routed and shared expert on every token as one wide SwiGLU (two matmuls, the routing
+weight 0 for unchosen experts): a sparse dispatch would read most expert weights anyway, in one
+small matmul per expert.
 
 MoE layers are run from the module's router and expert weights without calling `MoE.forward`,
 so inference never adds to the load statistics (`tokens_per_expert`) that the aux-loss-free bias
@@ -49,6 +53,10 @@ _FOLD_MAX_COST = 1.1
 _FOLD_SMALL = 1 << 17
 # Copy expert weights into torch._grouped_mm's layout when a layer has at most this many.
 _EXPERT_COPY_MAX_ELEMENTS = 1 << 26
+# Run every routed expert on every token (two matmuls, unselected experts weighted 0) when there
+# are at most _TALL_SKINNY_MAX_ROWS tokens and they pick at least E experts between them, i.e.
+# when a sparse dispatch would read most expert weights anyway, in many small calls.
+_DENSE_EXPERTS = True
 
 
 class MLACache:
@@ -78,24 +86,33 @@ class MLACache:
 
 
 class _Matrix:
-    """A decode-time weight [out, in] and, when small enough, its transposed copy [in, out].
+    """A decode-time weight [out, in], with the copies that make few-row products fast on CPU.
 
-    y = x Wᵀ for x [M, in]. MKL's fastest orientation on CPU depends on M: for one row the
-    [in, out] copy streams the weight about 2-4x faster than F.linear; for a few rows
-    W @ xᵀ (a tall-skinny product) beats F.linear; from there on F.linear is as good."""
+    y = x Wᵀ for x [M, in]. MKL's fastest orientation depends on M: for one row an [in, out]
+    copy streams the weight about 2-4x faster than F.linear; for a few rows W @ xᵀ (a
+    tall-skinny product) beats F.linear, and from there on F.linear is as good. For a few rows
+    against a large weight, oneDNN's linear on a pre-packed copy (the kernel torch.compile's
+    CPU weight freezing uses) is 1.5-4x faster again: MKL repacks the weight on every call,
+    which costs more than the product at M <= 16 (docs/LOG.md)."""
 
-    __slots__ = ("w", "wt", "bias")
+    __slots__ = ("w", "wt", "packed", "bias")
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None, transpose: bool = True):
         self.w = w.contiguous()
-        small = self.w.numel() <= _TRANSPOSE_MAX_ELEMENTS
-        self.wt = self.w.t().contiguous() if transpose and small and _TRANSPOSE_COPIES else None
+        n = self.w.numel()
+        self.packed = _pack(self.w) if _PACK_MIN_ELEMENTS <= n <= _PACK_MAX_ELEMENTS else None
+        one_row_packed = self.packed is not None and n >= _PACK_ONE_ROW_MIN_ELEMENTS
+        small = n <= _TRANSPOSE_MAX_ELEMENTS
+        self.wt = (self.w.t().contiguous() if transpose and small and _TRANSPOSE_COPIES and not one_row_packed
+                   else None)
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if m == 1 and self.wt is not None:
             y = torch.mm(x, self.wt)
+        elif m <= _TALL_SKINNY_MAX_ROWS and self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif 1 < m <= _TALL_SKINNY_MAX_ROWS:
             y = torch.mm(self.w, x.t()).t()
         else:
@@ -106,6 +123,36 @@ class _Matrix:
 _TRANSPOSE_COPIES = True
 _TRANSPOSE_MAX_ELEMENTS = 1 << 26
 _TALL_SKINNY_MAX_ROWS = 16
+# Pre-pack weights of at least this many elements (below it oneDNN's ~15 us per call loses to
+# MKL), and use the packed copy for a single row too from _PACK_ONE_ROW_MIN_ELEMENTS on (there
+# it beats the transposed copy, which is then not kept).
+_PACK_MIN_ELEMENTS = 1 << 17
+_PACK_ONE_ROW_MIN_ELEMENTS = 1 << 19
+_PACK_MAX_ELEMENTS = 1 << 26
+
+
+def _probe_packed_linear() -> bool:
+    try:
+        w, x = torch.randn(24, 16), torch.randn(3, 16)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
+        return y.shape == (3, 24) and torch.allclose(y, x @ w.t(), atol=1e-4)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+_PACKED_LINEAR = torch.backends.mkldnn.is_available() and _probe_packed_linear()
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's pre-packed copy of a CPU float32/bfloat16 weight, or None where there is none."""
+    if not _PACKED_LINEAR or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w)
+    except RuntimeError:  # e.g. bfloat16 on a CPU oneDNN has no kernel for
+        return None
 
 
 @dataclass
@@ -123,17 +170,23 @@ class _AttentionWeights:
 @dataclass
 class _FFNWeights:
     """Dense MLP (or a MoE's shared expert): w1 [2I, D] (gate rows, then up rows), w2 [D, I].
-    Routed experts laid out for torch._grouped_mm: gate_up [E, D, 2I], down [E, I, D]."""
+    Routed experts laid out for torch._grouped_mm: gate_up [E, D, 2I], down [E, I, D]; and, for
+    a few tokens, every expert as one SwiGLU of width (E + S) I (S shared-expert slices last):
+    all_up [2 (E + S) I, D] (all gate rows, then all up rows), all_down [D, (E + S) I]."""
 
     w1: _Matrix | None = None
     w2: _Matrix | None = None
     gate_up: torch.Tensor | None = None
     down: torch.Tensor | None = None
+    all_up: _Matrix | None = None
+    all_down: _Matrix | None = None
+    shared_slices: int = 0
 
 
 class DecodeWeights:
     """Per-layer weight views and fused copies for the absorbed decode path."""
 
+    @torch.no_grad()
     def __init__(self, model: K2ForCausalLM):
         self.model = model
         self.signature = self._signature()
@@ -222,6 +275,16 @@ def _ffn_weights(mlp: MLP | MoE) -> _FFNWeights:
     if _GROUPED_MM and aligned and on_cpu and 3 * E * I * D <= _EXPERT_COPY_MAX_ELEMENTS:
         out.gate_up = torch.cat((experts.gate_proj, experts.up_proj), dim=1).transpose(1, 2).contiguous()
         out.down = experts.down_proj.transpose(1, 2).contiguous()
+    S, rest = (0, 0) if shared is None else divmod(shared.gate_proj.weight.shape[0], I)  # width S * I
+    if _DENSE_EXPERTS and _PACKED_LINEAR and on_cpu and not rest and 3 * (E + S) * I * D <= _EXPERT_COPY_MAX_ELEMENTS:
+        gates, ups, downs = [experts.gate_proj.reshape(E * I, D)], [experts.up_proj.reshape(E * I, D)], \
+            [experts.down_proj.permute(1, 0, 2).reshape(D, E * I)]
+        if S:  # a SwiGLU of width S * I is the sum of S SwiGLUs of width I
+            gates.append(shared.gate_proj.weight), ups.append(shared.up_proj.weight)
+            downs.append(shared.down_proj.weight)
+        out.all_up = _Matrix(torch.cat(gates + ups), transpose=False)
+        out.all_down = _Matrix(torch.cat(downs, dim=1), transpose=False)
+        out.shared_slices = S
     return out
 
 
@@ -390,6 +453,14 @@ class CompressedDecoder:
             return w.w2(F.silu(gate) * up)
         weights, experts, _ = mlp.gate(x)  # [N, K] routing weights (float32) and expert ids
         E, K = mlp.experts.num_experts, experts.shape[1]
+        N = x.shape[0]
+        if w.all_up is not None and N <= _TALL_SKINNY_MAX_ROWS and N * K >= E:
+            gate, up = w.all_up(x).chunk(2, dim=-1)  # [N, (E + S) I] each
+            g = x.new_zeros(N, E).scatter_(1, experts, weights.to(x.dtype))  # 0 where not chosen
+            if w.shared_slices:
+                g = torch.cat((g, g.new_ones(N, w.shared_slices)), dim=1)
+            h = (F.silu(gate) * up).view(N, g.shape[1], -1).mul_(g[..., None])
+            return w.all_down(h.view(N, -1))
         flat = experts.flatten()
         order = flat.argsort(stable=True)  # (token, expert) pairs sorted by expert
         token = order // K
