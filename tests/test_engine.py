@@ -97,13 +97,15 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
     elif path == "tall-skinny":  # every projection as W @ xᵀ
         monkeypatch.setattr(cache_module, "_TALL_SKINNY_MAX_ROWS", 1 << 30)
         monkeypatch.setattr(cache_module, "_TRANSPOSE_COPIES", False)
+        monkeypatch.setattr(cache_module, "_PACKED_LINEAR", False)
     elif path == "linear":
         monkeypatch.setattr(cache_module, "_TALL_SKINNY_MAX_ROWS", 0)
+        monkeypatch.setattr(cache_module, "_PACKED_LINEAR", False)
     elif path == "packed":  # every projection through oneDNN's pre-packed linear, even one row
         if not cache_module._PACKED_LINEAR:
             pytest.skip("this torch build has no oneDNN packed linear")
-        monkeypatch.setattr(cache_module, "_PACK_MIN_ELEMENTS", 0)
-        monkeypatch.setattr(cache_module, "_PACK_ONE_ROW_MIN_ELEMENTS", 0)
+        for knob in ("_PACK_MIN_ELEMENTS", "_PACK_FEW_ROWS_MIN_ELEMENTS", "_PACK_ONE_ROW_MIN_ELEMENTS"):
+            monkeypatch.setattr(cache_module, knob, 0)
     elif path == "sparse-experts":  # routed experts never run densely for a few tokens
         monkeypatch.setattr(cache_module, "_DENSE_EXPERTS", False)
     if not fold:
@@ -147,9 +149,10 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
 
 
 @pytest.mark.skipif(not cache_module._PACKED_LINEAR, reason="this torch build has no oneDNN packed linear")
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 200])
 def test_decode_matrix_paths_agree(rows, monkeypatch):
     monkeypatch.setattr(cache_module, "_PACK_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cache_module, "_PACK_FEW_ROWS_MIN_ELEMENTS", 0)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
     x = torch.randn(rows, 60, generator=g)[:, 10:50]  # a strided view, as decode's slices are

@@ -54,9 +54,10 @@ _FOLD_SMALL = 1 << 17
 # Copy expert weights into torch._grouped_mm's layout when a layer has at most this many.
 _EXPERT_COPY_MAX_ELEMENTS = 1 << 26
 # Run every routed expert on every token (two matmuls, unselected experts weighted 0) when there
-# are at most _TALL_SKINNY_MAX_ROWS tokens and they pick at least E experts between them, i.e.
+# are at most _DENSE_EXPERTS_MAX_TOKENS tokens and they pick at least E experts between them, i.e.
 # when a sparse dispatch would read most expert weights anyway, in many small calls.
 _DENSE_EXPERTS = True
+_DENSE_EXPERTS_MAX_TOKENS = 16
 
 
 class MLACache:
@@ -86,14 +87,14 @@ class MLACache:
 
 
 class _Matrix:
-    """A decode-time weight [out, in], with the copies that make few-row products fast on CPU.
+    """A decode-time weight [out, in], with the copies that make its products fast on CPU.
 
     y = x Wᵀ for x [M, in]. MKL's fastest orientation depends on M: for one row an [in, out]
-    copy streams the weight about 2-4x faster than F.linear; for a few rows W @ xᵀ (a
-    tall-skinny product) beats F.linear, and from there on F.linear is as good. For a few rows
-    against a large weight, oneDNN's linear on a pre-packed copy (the kernel torch.compile's
-    CPU weight freezing uses) is 1.5-4x faster again: MKL repacks the weight on every call,
-    which costs more than the product at M <= 16 (docs/LOG.md)."""
+    copy streams the weight about 2-4x faster than F.linear, and for up to a hundred rows or
+    so W @ xᵀ (a tall-skinny product) beats F.linear. oneDNN's linear on a pre-packed copy (the
+    kernel torch.compile's CPU weight freezing uses) beats both from a few dozen rows on, and
+    from two rows on for a large weight (1.5-4x at 2-16 rows): MKL repacks the weight on every
+    call, which costs more than a few-row product (docs/LOG.md)."""
 
     __slots__ = ("w", "wt", "packed", "bias")
 
@@ -111,7 +112,7 @@ class _Matrix:
         m = x.shape[0]
         if m == 1 and self.wt is not None:
             y = torch.mm(x, self.wt)
-        elif m <= _TALL_SKINNY_MAX_ROWS and self.packed is not None:
+        elif self.packed is not None and (m > _PACK_FEW_ROWS or self.w.numel() >= _PACK_FEW_ROWS_MIN_ELEMENTS):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif 1 < m <= _TALL_SKINNY_MAX_ROWS:
             y = torch.mm(self.w, x.t()).t()
@@ -122,13 +123,16 @@ class _Matrix:
 
 _TRANSPOSE_COPIES = True
 _TRANSPOSE_MAX_ELEMENTS = 1 << 26
-_TALL_SKINNY_MAX_ROWS = 16
-# Pre-pack weights of at least this many elements (below it oneDNN's ~15 us per call loses to
-# MKL), and use the packed copy for a single row too from _PACK_ONE_ROW_MIN_ELEMENTS on (there
-# it beats the transposed copy, which is then not kept).
-_PACK_MIN_ELEMENTS = 1 << 17
-_PACK_ONE_ROW_MIN_ELEMENTS = 1 << 19
+_TALL_SKINNY_MAX_ROWS = 128
+# Pre-pack weights of _PACK_MIN_ELEMENTS to _PACK_MAX_ELEMENTS elements. The packed copy serves
+# more than _PACK_FEW_ROWS rows always, 2 to _PACK_FEW_ROWS rows from _PACK_FEW_ROWS_MIN_ELEMENTS
+# on (below it oneDNN's ~15 us per call loses to MKL), and one row from
+# _PACK_ONE_ROW_MIN_ELEMENTS on (there it beats the transposed copy, which is then not kept).
+_PACK_MIN_ELEMENTS = 1 << 14
 _PACK_MAX_ELEMENTS = 1 << 26
+_PACK_FEW_ROWS = 16
+_PACK_FEW_ROWS_MIN_ELEMENTS = 1 << 17
+_PACK_ONE_ROW_MIN_ELEMENTS = 1 << 19
 
 
 def _probe_packed_linear() -> bool:
@@ -390,7 +394,7 @@ class CompressedDecoder:
         if all_logits:
             return model.lm_head(x)
         last = x[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
-        return model.lm_head(last)
+        return self.weights.lm_head(last)
 
     # ---- decode --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -454,7 +458,7 @@ class CompressedDecoder:
         weights, experts, _ = mlp.gate(x)  # [N, K] routing weights (float32) and expert ids
         E, K = mlp.experts.num_experts, experts.shape[1]
         N = x.shape[0]
-        if w.all_up is not None and N <= _TALL_SKINNY_MAX_ROWS and N * K >= E:
+        if w.all_up is not None and N <= _DENSE_EXPERTS_MAX_TOKENS and N * K >= E:
             gate, up = w.all_up(x).chunk(2, dim=-1)  # [N, (E + S) I] each
             g = x.new_zeros(N, E).scatter_(1, experts, weights.to(x.dtype))  # 0 where not chosen
             if w.shared_slices:
