@@ -1,11 +1,15 @@
-"""Small kernels behind two docs/LOG.md entries, timed round-robin (best round of each):
+"""Small kernels behind docs/LOG.md entries, timed round-robin (best round of each):
 
 - RMSNorm forward + backward on [8 x 256, 256] float32: openk2's hand-written autograd function
   against the same formula left to autograd;
 - the tiny preset's batch-8 decode matmuls: routed experts (8 experts of [256 -> 2 x 128], 2 of
-  them per token) as torch._grouped_mm (what the engine runs), as a per-expert loop in both
-  orientations and as a zero-padded batched matmul; and the [8,192 x 256] LM head against 8
-  rows in three orientations.
+  them per token) as torch._grouped_mm (the engine's sparse path), as a per-expert loop in both
+  orientations, as a zero-padded batched matmul, and every expert on every token through
+  oneDNN's linear on a pre-packed weight (the engine's path when the tokens touch >= E
+  experts); and the [8,192 x 256] LM head against 8 rows in three MKL orientations and
+  through oneDNN's pre-packed linear (the engine's);
+- float32 GEMMs of the training step, MKL (torch.mm) against oneDNN's linear on the plain
+  weight: a 1,024^3 product and the tiny LM-head loss's three products for one 512-row chunk.
 
     python benchmarks/kernels.py [--rounds 15]
 """
@@ -78,14 +82,47 @@ def decode_contenders() -> dict:
     grouped = lambda: torch._grouped_mm(xs, w_t, offs=offsets)  # noqa: E731
     for name, fn in (("loop", loop(True)), ("loop t", loop(False)), ("padded", padded)):
         torch.testing.assert_close(fn(), grouped(), rtol=1e-4, atol=1e-4, msg=name)
+    all_experts = torch.ops.mkldnn._reorder_linear_weight(w.reshape(E * 2 * I, D))
+    dense = lambda: one_dnn(x, all_experts)  # noqa: E731  [N, E * 2I]: every expert, every token
+    chosen = dense().view(N, E, 2 * I)[torch.arange(N)[:, None], experts].flatten(0, 1)[order]
+    torch.testing.assert_close(chosen, grouped(), rtol=1e-4, atol=1e-4, msg="dense")
+    packed_head = torch.ops.mkldnn._reorder_linear_weight(head)
     return {
-        "experts: torch._grouped_mm (engine)": grouped,
+        "experts: torch._grouped_mm (sparse)": grouped,
         "experts: per-expert loop, x @ W": loop(True),
         "experts: per-expert loop, W @ x^T": loop(False),
         "experts: zero-padded bmm": padded,
-        "lm head: W @ x^T (engine)": lambda: torch.mm(head, h.t()),
+        "experts: all on all tokens, packed (engine)": dense,
+        "lm head: W @ x^T": lambda: torch.mm(head, h.t()),
         "lm head: x @ W^T copy": lambda: torch.mm(h, head_t),
         "lm head: F.linear": lambda: F.linear(h, head),
+        "lm head: oneDNN packed (engine)": lambda: one_dnn(h, packed_head),
+    }
+
+
+def one_dnn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T by oneDNN's linear (weight plain [out, in] or pre-packed)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def gemm_contenders() -> dict:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+    rows = 512  # one chunk of the fused LM-head loss at the tiny vocabulary (train/loss.py)
+    h, head = torch.randn(rows, D, generator=g), torch.randn(V, D, generator=g)
+    d_logits, grad_head = torch.randn(rows, V, generator=g), torch.zeros(V, D)
+    head_t = head.t().contiguous()
+    torch.testing.assert_close(one_dnn(h, head), h @ head.T, rtol=1e-4, atol=1e-3)
+    return {
+        "gemm 1024^3: torch.mm (MKL)": lambda: torch.mm(a, b.T),
+        "gemm 1024^3: oneDNN linear": lambda: one_dnn(a, b),
+        "loss chunk logits: h @ W^T (MKL)": lambda: h @ head.T,
+        "loss chunk logits: oneDNN linear": lambda: one_dnn(h, head),
+        "loss chunk dh: dlogits @ W (MKL)": lambda: d_logits @ head,
+        "loss chunk dh: oneDNN, W^T copied": lambda: one_dnn(d_logits, head.t().contiguous()),
+        "loss chunk dh: oneDNN, W^T kept": lambda: one_dnn(d_logits, head_t),
+        "loss chunk dW: addmm_ (MKL)": lambda: grad_head.addmm_(d_logits.T, h),
+        "loss chunk dW: oneDNN on views": lambda: grad_head.add_(one_dnn(d_logits.t(), h.t())),
     }
 
 
@@ -93,11 +130,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
+    if not torch.backends.mkldnn.is_available():
+        raise SystemExit("benchmarks/kernels.py compares against oneDNN: this torch build has none")
     print(f"# kernels  torch {torch.__version__}  {cpu_name()}  {torch.get_num_threads()} threads")
     with torch.inference_mode():
         decode = best_of(repeated(decode_contenders()), args.rounds, warmup=3)
     train = best_of(repeated(rms_norm_contenders()), args.rounds, warmup=3)
-    for name, seconds in {**train, **decode}.items():
+    with torch.no_grad():
+        gemm = best_of(repeated(gemm_contenders()), args.rounds)
+    for name, seconds in {**train, **decode, **gemm}.items():
         print(f"{name:<44}{seconds / CALLS * 1e6:>10,.1f} us per call")
 
 
