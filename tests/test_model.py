@@ -269,3 +269,18 @@ def test_reader_reads_row_ranges(tmp_path):
     experts = "model.layers.1.mlp.experts.up_proj"
     assert reader.shape(experts) == (8, 32, 64)
     assert torch.equal(reader.read(experts, 2, 5), model.state_dict()[experts][2:5])
+
+
+def test_onednn_linear_matches_torch_and_declines_what_it_cannot_take():
+    from openk2.model import linear as onednn
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 24, generator=g), torch.randn(7, 24, generator=g)
+    assert not onednn.supports(x, w.double()) and not onednn.supports(x.double(), w.double())
+    assert not onednn.supports(torch.empty(2, 24, device="meta"), w)
+    assert onednn.pack(w.to(torch.float16)) is None
+    if not onednn.AVAILABLE:
+        pytest.skip("this torch build has no oneDNN linear")
+    assert onednn.supports(x, w)
+    for weight in (w, onednn.pack(w)):
+        torch.testing.assert_close(onednn.linear(x, weight), x @ w.T, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from openk2.model import linear as onednn
 from openk2.model.attention import MLAttention
 from openk2.model.moe import MLP, MoE
 from openk2.model.rope import apply_rotary
@@ -113,7 +114,7 @@ class _Matrix:
         if m == 1 and self.wt is not None:
             y = torch.mm(x, self.wt)
         elif self.packed is not None and (m > _PACK_FEW_ROWS or self.w.numel() >= _PACK_FEW_ROWS_MIN_ELEMENTS):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return onednn.linear(x, self.packed, self.bias)
         elif 1 < m <= _TALL_SKINNY_MAX_ROWS:
             y = torch.mm(self.w, x.t()).t()
         else:
@@ -133,30 +134,11 @@ _PACK_MAX_ELEMENTS = 1 << 26
 _PACK_FEW_ROWS = 16
 _PACK_FEW_ROWS_MIN_ELEMENTS = 1 << 17
 _PACK_ONE_ROW_MIN_ELEMENTS = 1 << 19
-
-
-def _probe_packed_linear() -> bool:
-    try:
-        w, x = torch.randn(24, 16), torch.randn(3, 16)
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
-        return y.shape == (3, 24) and torch.allclose(y, x @ w.t(), atol=1e-4)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-
-
-_PACKED_LINEAR = torch.backends.mkldnn.is_available() and _probe_packed_linear()
+_PACKED_LINEAR = onednn.AVAILABLE
 
 
 def _pack(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's pre-packed copy of a CPU float32/bfloat16 weight, or None where there is none."""
-    if not _PACKED_LINEAR or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(w)
-    except RuntimeError:  # e.g. bfloat16 on a CPU oneDNN has no kernel for
-        return None
+    return onednn.pack(w) if _PACKED_LINEAR else None
 
 
 @dataclass

@@ -1,0 +1,61 @@
+"""oneDNN's linear on CPU, where it beats MKL's GEMM (docs/LOG.md).
+
+torch runs float32 matmuls on the CPU through MKL, which repacks the weight on every call (the
+main cost of a product with a few rows) and, on the AMD EPYC of docs/BENCHMARKS.md, reaches
+70-80% of what oneDNN's JIT kernels do at the LM head's shapes. oneDNN's linear (the
+`mkldnn::_linear_pointwise` op that torch.compile's CPU weight freezing emits) takes the weight
+either plain [out, in] or reordered once by `pack`. Used by the fused LM-head loss (logits) and
+the decode weights (infer/cache.py).
+
+Both ops are torch internals, so `AVAILABLE` is probed once, and every caller keeps the plain
+torch product as its fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _probe() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w, x = torch.randn(24, 16), torch.randn(3, 16)
+        plain = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None,
+                                                    "none", [], "")
+        expected = x @ w.t()
+        return all(y.shape == (3, 24) and torch.allclose(y, expected, atol=1e-4) for y in (plain, packed))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+AVAILABLE = _probe()
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether oneDNN's linear can take these tensors: CPU, one float32 or bfloat16 dtype."""
+    if not AVAILABLE:
+        return False
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return False
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """A weight [out, in] reordered for oneDNN's linear (an opaque tensor), or None where oneDNN
+    cannot take it."""
+    if not supports(weight):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    except RuntimeError:
+        return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for x [M, in] and a plain or packed weight; no autograd."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
