@@ -263,10 +263,12 @@ def _ffn_weights(mlp: MLP | MoE) -> _FFNWeights:
         out.down = experts.down_proj.transpose(1, 2).contiguous()
     S, rest = (0, 0) if shared is None else divmod(shared.gate_proj.weight.shape[0], I)  # width S * I
     if _DENSE_EXPERTS and _PACKED_LINEAR and on_cpu and not rest and 3 * (E + S) * I * D <= _EXPERT_COPY_MAX_ELEMENTS:
-        gates, ups, downs = [experts.gate_proj.reshape(E * I, D)], [experts.up_proj.reshape(E * I, D)], \
-            [experts.down_proj.permute(1, 0, 2).reshape(D, E * I)]
+        gates = [experts.gate_proj.reshape(E * I, D)]
+        ups = [experts.up_proj.reshape(E * I, D)]
+        downs = [experts.down_proj.permute(1, 0, 2).reshape(D, E * I)]
         if S:  # a SwiGLU of width S * I is the sum of S SwiGLUs of width I
-            gates.append(shared.gate_proj.weight), ups.append(shared.up_proj.weight)
+            gates.append(shared.gate_proj.weight)
+            ups.append(shared.up_proj.weight)
             downs.append(shared.down_proj.weight)
         out.all_up = _Matrix(torch.cat(gates + ups), transpose=False)
         out.all_down = _Matrix(torch.cat(downs, dim=1), transpose=False)
