@@ -5,9 +5,9 @@ at one and two threads side by side (the figures in docs/LOG.md's profiling entr
 
 train:  benchmarks/train_step.py's step (forward + backward + AdamW, fp32, 8 x 256 tokens).
 decode: Engine.generate of 8 prompts of 128 tokens, 33 greedy tokens, as benchmarks/decode.py.
-For each, the step time per thread count (fastest of 3; decode steps exclude the prefill) and
-the time per op per step, self and with the ops it calls (decode: per generated token, the
-prefill spread over them).
+For each, the step time per thread count (fastest of 3; decode steps exclude the prefill), the
+time per op per step, self and with the ops it calls (decode: per generated token, the prefill
+spread over them), the number of op calls per step, and the matmuls by input shapes.
 compare: the training step of openk2 and of transformers (eager experts and attention, the
 same weights) profiled side by side at the current thread count: every matmul call by input
 shapes, then the other ops (self time per step, mean of 3 steps).
@@ -49,7 +49,7 @@ def decode_run(name: str):
     return generate, lambda: (timed(generate) - timed(lambda: generate(1))) / (DECODE_TOKENS - 1)
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
 
 
 def compare(name: str, rows: int) -> None:
@@ -110,11 +110,13 @@ def main() -> None:
             torch.set_num_threads(threads)
             fn()
             best = min(step_seconds() for _ in range(3))
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=threads == 2) as prof:
                 fn()
             per_op[threads] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
             if threads == 2:
                 total = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages()}
+                by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MATMULS]
+                calls = sum(e.count for e in prof.key_averages()) / steps
             rate = "" if what == "train" else f" ({DECODE_BATCH / best:,.0f} tokens/s)"
             print(f"\n{what}: {threads} thread(s): {best * 1e3:,.2f} ms per step{rate}")
         print(f"\n{'op (self time, ms per step)':<58}{'1 thread':>10}{'2 threads':>11}{'speedup':>9}"
@@ -122,6 +124,11 @@ def main() -> None:
         for key in sorted(per_op[2], key=lambda k: -per_op[2][k])[: args.rows]:
             one, two = per_op[1].get(key, 0.0), per_op[2][key]
             print(f"{key[:58]:<58}{one:>10.2f}{two:>11.2f}{one / max(two, 1e-9):>8.2f}x{total[key]:>26.2f}")
+        print(f"\n{calls:,.0f} op calls per step (2 threads). Matmuls by input shapes, 2 threads:")
+        print(f"{'op and input shapes':<90}{'ms/step':>9}{'calls/step':>12}")
+        for e in sorted(by_shape, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
+            label = f"{e.key} {e.input_shapes}"[:90]
+            print(f"{label:<90}{e.self_cpu_time_total / 1e3 / steps:>9.3f}{e.count / steps:>12.1f}")
 
 
 if __name__ == "__main__":
