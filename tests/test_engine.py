@@ -409,6 +409,26 @@ def test_bfloat16_model_generates(tokenizer):
     assert len(out.token_ids) == 8 and all(lp <= 0 for lp in out.logprobs)
 
 
+@pytest.mark.parametrize("dense", [True, False])
+def test_bfloat16_decode_of_a_full_batch_tracks_float32(dense, monkeypatch):
+    """Eight sequences pick every expert between them: the dense expert pass (and the packed
+    weights) in bfloat16 stay as close to the float32 model as the sparse dispatch does."""
+    monkeypatch.setattr(cache_module, "_DENSE_EXPERTS", dense)
+    monkeypatch.setattr(cache_module, "_PACK_FEW_ROWS_MIN_ELEMENTS", 0)  # packed even at this size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, VOCAB, (5,), generator=g).tolist() for _ in range(8)]
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(small_config(), dtype=dtype, seed=1)  # the same values in both dtypes
+        dec = CompressedDecoder(model, MLACache(model, slots=8, max_len=16))
+        dec.prefill(prompts, 0)
+        logits[dtype] = dec.decode(torch.arange(8), torch.full((8,), 5)).float()
+        if dtype == torch.bfloat16:
+            assert any(f.all_up is not None for f in dec.weights.ffn) == (dense and cache_module._PACKED_LINEAR)
+    scale = logits[torch.float32].abs().max()
+    assert (logits[torch.bfloat16] - logits[torch.float32]).abs().max() < 0.03 * scale
+
+
 def test_one_forward_per_step_for_the_whole_batch(model, monkeypatch):
     """Eight sequences advance together: one prefill and one batched decode per token position."""
     engine = Engine(model, max_batch=8, max_len=80)
