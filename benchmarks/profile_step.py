@@ -110,13 +110,16 @@ def main() -> None:
             torch.set_num_threads(threads)
             fn()
             best = min(step_seconds() for _ in range(3))
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=threads == 2) as prof:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 fn()
             per_op[threads] = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()}
             if threads == 2:
                 total = {e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages()}
-                by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MATMULS]
                 calls = sum(e.count for e in prof.key_averages()) / steps
+                # input shapes in a run of their own: recording them slows the ops down
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    fn()
+                by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in MATMULS]
             rate = "" if what == "train" else f" ({DECODE_BATCH / best:,.0f} tokens/s)"
             print(f"\n{what}: {threads} thread(s): {best * 1e3:,.2f} ms per step{rate}")
         print(f"\n{'op (self time, ms per step)':<58}{'1 thread':>10}{'2 threads':>11}{'speedup':>9}"

@@ -121,9 +121,11 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
     full = [full_logits(model, s) for s in seqs]
     cache = MLACache(model, slots=5, max_len=32)
     dec = CompressedDecoder(model, cache)
-    # four live sequences pick >= E = 8 experts between them: the dense few-token expert path
-    assert (any(f.all_up is not None for f in dec.weights.ffn)
-            == (cache_module._PACKED_LINEAR and path != "sparse-experts"))
+    # four live sequences fill E = 8 routing slots (top-2): the dense few-token expert path
+    dense_calls = []
+    for ffn in dec.weights.ffn:
+        if ffn.all_up is not None:
+            ffn.all_up = _Counted(ffn.all_up, dense_calls)
     errors = []
     # first three prompts prefill together; the fourth joins later at slot 3 (continuous batching)
     first = dec.prefill([s[:p] for s, p in zip(seqs[:3], prompt_lens[:3])], 0, all_logits=True)
@@ -146,6 +148,18 @@ def test_incremental_decode_matches_full_forward(name, path, fold, monkeypatch):
             errors.append((logits[b] - full[b][positions[b]]).abs().max())
         positions = [p + 1 for p in positions]
     assert max(errors) < 1e-4, max(errors)
+    assert bool(dense_calls) == (cache_module._PACKED_LINEAR and path in ("auto", "loop", "packed"))
+
+
+class _Counted:
+    """A decode matrix that records its calls."""
+
+    def __init__(self, matrix, calls: list):
+        self.matrix, self.calls = matrix, calls
+
+    def __call__(self, x):
+        self.calls.append(x.shape[0])
+        return self.matrix(x)
 
 
 @pytest.mark.skipif(not cache_module._PACKED_LINEAR, reason="this torch build has no oneDNN packed linear")
@@ -368,7 +382,11 @@ def test_cancel_and_many_concurrent_submitters(model):
         engine.stop()
 
 
-def test_weights_refresh_and_no_training_statistics(model):
+@pytest.mark.parametrize("packed", [False, True])
+def test_weights_refresh_and_no_training_statistics(model, packed, monkeypatch):
+    if packed:  # every decode weight through a packed copy, which the refresh must rebuild
+        for knob in ("_PACK_MIN_ELEMENTS", "_PACK_FEW_ROWS_MIN_ELEMENTS", "_PACK_ONE_ROW_MIN_ELEMENTS"):
+            monkeypatch.setattr(cache_module, knob, 0)
     model = build_model(small_config(), seed=3)
     engine = Engine(model, max_batch=2, max_len=32)
     prompt = [3, 1, 4, 1, 5]
@@ -413,12 +431,12 @@ def test_bfloat16_model_generates(tokenizer):
 def test_bfloat16_decode_of_a_full_batch_tracks_float32(dense, monkeypatch):
     """Eight sequences pick every expert between them: the dense expert pass (and the packed
     weights) in bfloat16 stay as close to the float32 model as the sparse dispatch does."""
-    monkeypatch.setattr(cache_module, "_DENSE_EXPERTS", dense)
     monkeypatch.setattr(cache_module, "_PACK_FEW_ROWS_MIN_ELEMENTS", 0)  # packed even at this size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (5,), generator=g).tolist() for _ in range(8)]
     logits = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16):  # the reference: float32, sparse dispatch
+        monkeypatch.setattr(cache_module, "_DENSE_EXPERTS", dense and dtype == torch.bfloat16)
         model = build_model(small_config(), dtype=dtype, seed=1)  # the same values in both dtypes
         dec = CompressedDecoder(model, MLACache(model, slots=8, max_len=16))
         dec.prefill(prompts, 0)

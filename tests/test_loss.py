@@ -2,12 +2,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import openk2.train.loss as loss_module
 from openk2.train.loss import IGNORE, linear_cross_entropy
 
 
 @pytest.mark.parametrize("rows, vocab", [(7, 50), (300, 4096), (1, 3)])
 @pytest.mark.parametrize("recompute", [False, True, None])
-def test_matches_cross_entropy_and_its_gradients(rows, vocab, recompute):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_matches_cross_entropy_and_its_gradients(rows, vocab, recompute, onednn, monkeypatch):
+    if not onednn:  # the plain torch product the logits fall back to without oneDNN
+        monkeypatch.setattr(loss_module, "onednn_supports", lambda *tensors: False)
     g = torch.Generator().manual_seed(rows)
     hidden = torch.randn(rows, 16, generator=g, requires_grad=True)
     weight = torch.randn(vocab, 16, generator=g, requires_grad=True)

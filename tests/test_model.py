@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -271,7 +274,7 @@ def test_reader_reads_row_ranges(tmp_path):
     assert torch.equal(reader.read(experts, 2, 5), model.state_dict()[experts][2:5])
 
 
-def test_onednn_linear_matches_torch_and_declines_what_it_cannot_take():
+def test_onednn_linear_matches_torch_and_declines_what_it_cannot_take(monkeypatch):
     from openk2.model import linear as onednn
 
     g = torch.Generator().manual_seed(0)
@@ -282,5 +285,17 @@ def test_onednn_linear_matches_torch_and_declines_what_it_cannot_take():
     if not onednn.AVAILABLE:
         pytest.skip("this torch build has no oneDNN linear")
     assert onednn.supports(x, w)
+    trained = w.clone().requires_grad_()
+    assert not onednn.supports(x, trained)  # the op has no backward
+    with torch.no_grad():
+        assert onednn.supports(x, trained)
     for weight in (w, onednn.pack(w)):
         torch.testing.assert_close(onednn.linear(x, weight), x @ w.T, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not onednn.supports(x, w) and onednn.pack(w) is None
+
+
+def test_importing_the_onednn_probe_leaves_the_random_generator_alone():
+    code = ("import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
+            "import openk2.model.linear; import openk2.infer.cache; assert torch.equal(torch.rand(3), a)")
+    subprocess.run([sys.executable, "-c", code], check=True)

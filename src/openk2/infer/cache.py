@@ -21,12 +21,12 @@ absorbed query and output are one matmul each; for K2-sized layers they stay sep
 matmuls. The non-obvious choice: decode uses private copies of a few weights (fused q_a/kv_a
 rows, rotary rows permuted so interleaved RoPE becomes half-split RoPE, the softmax scale folded
 into the query, expert matrices in torch._grouped_mm's layout, transposed copies that MKL streams
-faster for a single row, oneDNN pre-packed copies of the large ones for a few rows);
+faster for a single row, oneDNN pre-packed copies that beat MKL above a few rows);
 `DecodeWeights.stale` notices in-place optimizer updates and `CompressedDecoder.refresh` rebuilds
-them. When a decode batch's few tokens pick at least E experts between them, a MoE layer runs
-every routed and shared expert on every token as one wide SwiGLU (two matmuls, the routing
-weight 0 for unchosen experts): a sparse dispatch would read most expert weights anyway, in one
-small matmul per expert.
+them. When a decode batch's few tokens fill at least E routing slots between them (N·K ≥ E), a
+MoE layer runs every routed and shared expert on every token as one wide SwiGLU (two matmuls, the
+routing weight 0 for unchosen experts): a sparse dispatch would read most expert weights anyway
+(at batch 8 on 8 experts, top-2, about 7 of them), in one small matmul per expert.
 
 MoE layers are run from the module's router and expert weights without calling `MoE.forward`,
 so inference never adds to the load statistics (`tokens_per_expert`) that the aux-loss-free bias
@@ -54,9 +54,9 @@ _FOLD_MAX_COST = 1.1
 _FOLD_SMALL = 1 << 17
 # Copy expert weights into torch._grouped_mm's layout when a layer has at most this many.
 _EXPERT_COPY_MAX_ELEMENTS = 1 << 26
-# Run every routed expert on every token (two matmuls, unselected experts weighted 0) when there
-# are at most _DENSE_EXPERTS_MAX_TOKENS tokens and they pick at least E experts between them, i.e.
-# when a sparse dispatch would read most expert weights anyway, in many small calls.
+# Run every routed expert on every token (two packed matmuls, unselected experts weighted 0) when
+# at most _DENSE_EXPERTS_MAX_TOKENS tokens fill at least E routing slots (N·K ≥ E), i.e. when a
+# sparse dispatch would read most expert weights anyway, in many small calls.
 _DENSE_EXPERTS = True
 _DENSE_EXPERTS_MAX_TOKENS = 16
 
@@ -97,23 +97,26 @@ class _Matrix:
     from two rows on for a large weight (1.5-4x at 2-16 rows): MKL repacks the weight on every
     call, which costs more than a few-row product (docs/LOG.md)."""
 
-    __slots__ = ("w", "wt", "packed", "bias")
+    __slots__ = ("w", "wt", "packed", "few_rows_packed", "bias")
 
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None = None, transpose: bool = True):
-        self.w = w.contiguous()
-        n = self.w.numel()
-        self.packed = _pack(self.w) if _PACK_MIN_ELEMENTS <= n <= _PACK_MAX_ELEMENTS else None
+        w = w.contiguous()
+        n = w.numel()
+        self.packed = _pack(w) if _PACK_MIN_ELEMENTS <= n <= _PACK_MAX_ELEMENTS else None
+        self.few_rows_packed = self.packed is not None and n >= _PACK_FEW_ROWS_MIN_ELEMENTS
         one_row_packed = self.packed is not None and n >= _PACK_ONE_ROW_MIN_ELEMENTS
         small = n <= _TRANSPOSE_MAX_ELEMENTS
-        self.wt = (self.w.t().contiguous() if transpose and small and _TRANSPOSE_COPIES and not one_row_packed
-                   else None)
+        self.wt = w.t().contiguous() if transpose and small and _TRANSPOSE_COPIES and not one_row_packed else None
+        # From _PACK_FEW_ROWS_MIN_ELEMENTS on the packed copy serves every row count (one row
+        # through the transposed copy where there is one), so the plain weight is not held.
+        self.w = None if self.few_rows_packed else w
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
         if m == 1 and self.wt is not None:
             y = torch.mm(x, self.wt)
-        elif self.packed is not None and (m > _PACK_FEW_ROWS or self.w.numel() >= _PACK_FEW_ROWS_MIN_ELEMENTS):
+        elif self.packed is not None and (m > _PACK_FEW_ROWS or self.few_rows_packed):
             return onednn.linear(x, self.packed, self.bias)
         elif 1 < m <= _TALL_SKINNY_MAX_ROWS:
             y = torch.mm(self.w, x.t()).t()
@@ -270,9 +273,10 @@ def _ffn_weights(mlp: MLP | MoE) -> _FFNWeights:
             gates.append(shared.gate_proj.weight)
             ups.append(shared.up_proj.weight)
             downs.append(shared.down_proj.weight)
-        out.all_up = _Matrix(torch.cat(gates + ups), transpose=False)
-        out.all_down = _Matrix(torch.cat(downs, dim=1), transpose=False)
-        out.shared_slices = S
+        all_up = _Matrix(torch.cat(gates + ups), transpose=False)
+        all_down = _Matrix(torch.cat(downs, dim=1), transpose=False)
+        if all_up.packed is not None and all_down.packed is not None:  # on MKL it would not pay
+            out.all_up, out.all_down, out.shared_slices = all_up, all_down, S
     return out
 
 
@@ -378,7 +382,7 @@ class CompressedDecoder:
         if all_logits:
             return model.lm_head(x)
         last = x[torch.arange(B, device=device), torch.tensor(lengths, device=device) - 1]
-        return self.weights.lm_head(last)
+        return self.weights.lm_head(last).contiguous()
 
     # ---- decode --------------------------------------------------------------------------
     @torch.inference_mode()

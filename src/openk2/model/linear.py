@@ -21,8 +21,9 @@ _DTYPES = (torch.float32, torch.bfloat16)
 def _probe() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
-    try:
-        w, x = torch.randn(24, 16), torch.randn(3, 16)
+    try:  # fixed inputs: importing this module must not move the global random generator
+        w = torch.arange(24 * 16, dtype=torch.float32).reshape(24, 16).sin()
+        x = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16).cos()
         plain = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None,
                                                     "none", [], "")
@@ -36,8 +37,12 @@ AVAILABLE = _probe()
 
 
 def supports(*tensors: torch.Tensor) -> bool:
-    """Whether oneDNN's linear can take these tensors: CPU, one float32 or bfloat16 dtype."""
-    if not AVAILABLE:
+    """Whether oneDNN's linear can take these tensors: CPU, one float32 or bfloat16 dtype, and
+    nothing autograd would have to differentiate (the op has no backward). False as well while
+    `torch.backends.mkldnn.enabled` is off."""
+    if not AVAILABLE or not torch.backends.mkldnn.enabled:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     dtype = tensors[0].dtype
     if dtype not in _DTYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
@@ -57,5 +62,6 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for x [M, in] and a plain or packed weight; no autograd."""
+    """x @ weight.T (+ bias) for x [M, in] and a plain or packed weight. No autograd: check
+    `supports` (or run without grad) first."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -43,7 +43,7 @@ def recomputes(rows: int, hidden_size: int) -> bool:
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
     """float32 logits of one chunk, which rows count, their clamped targets and target logits.
     (Called outside autograd only: in the autograd functions below, or without grad.)"""
-    # oneDNN's GEMM is 1.2-1.4x MKL's at this shape on CPU (docs/LOG.md); the gradient
+    # oneDNN's GEMM is ~1.4x MKL's at this shape on CPU (docs/LOG.md); the gradient
     # products stay on torch.mm, where oneDNN is no faster without transposed copies.
     logits = (linear(h, weight) if onednn_supports(h, weight) else h @ weight.T).float()  # [n, V]
     valid = t != IGNORE
