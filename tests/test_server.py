@@ -492,3 +492,44 @@ def test_chat_one_shot(checkpoint, capsys):
     reply = chat(checkpoint, message="hello", max_tokens=8, seed=0)
     assert isinstance(reply, str)
     assert reply in capsys.readouterr().out  # streamed to the terminal as it was generated
+
+
+def test_openk2_serve_steps_the_engine_in_its_main_thread_and_shuts_down_cleanly(checkpoint):
+    """The real command: serves, refuses a port in use with a clear error, and on SIGTERM
+    finishes the request in flight before exiting 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "openk2", "serve", str(checkpoint), "--port", str(port), "--model-name", "m"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.1)
+        taken = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert taken.returncode != 0 and "is the port in use" in taken.stdout + taken.stderr
+        replies = []
+        request = threading.Thread(target=lambda: replies.append(client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1000, stop=["@@@@"])))
+        request.start()
+        time.sleep(0.3)
+        in_flight = request.is_alive()
+        proc.send_signal(signal.SIGTERM)
+        request.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert in_flight and replies and replies[0].choices[0].finish_reason in ("length", "stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

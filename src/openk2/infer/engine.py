@@ -258,6 +258,7 @@ class Engine:
         self._step_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._looping = False
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "steps": 0}
 
     def _default_stop_ids(self) -> frozenset[int]:
@@ -285,7 +286,9 @@ class Engine:
 
     @property
     def running_in_background(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """Whether a scheduler loop (`start`'s thread, or `run` in another thread) steps the
+        engine, so that waiting on a handle must not step it itself."""
+        return self._looping
 
     # ---- public API --------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -332,17 +335,35 @@ class Engine:
         return handle
 
     def start(self) -> Engine:
-        """Step the engine in a background thread (for servers); `stop()` ends it."""
-        if not self.running_in_background:
+        """Step the engine in a background thread; `stop()` ends it. On CPU a long-running server
+        should rather give `run` its main thread: OpenMP runs torch's mid-sized ops about twice as
+        slowly from other threads (docs/LOG.md)."""
+        if not self._looping:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="openk2-engine", daemon=True)
+            self._looping = True
+            self._thread = threading.Thread(target=self.run, name="openk2-engine", daemon=True)
             self._thread.start()
         return self
 
+    def run(self) -> None:
+        """Step the engine in the calling thread until `stop()` is called (from another thread,
+        or before: then it returns at once)."""
+        self._looping = True
+        try:
+            while not self._stopping:
+                with self._cv:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._cv.wait()
+                if not self._stopping:
+                    self.step()
+        finally:
+            self._looping = False
+
     def stop(self) -> None:
+        """End the scheduler loop (`start`'s thread or `run`); requests stay queued."""
         self._stopping = True
         self._wake()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
             self._thread = None
 
@@ -355,14 +376,6 @@ class Engine:
     def _wake(self) -> None:
         with self._cv:
             self._cv.notify()
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            with self._cv:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._cv.wait()
-            if not self._stopping:
-                self.step()
 
     def step(self) -> bool:
         """One scheduler iteration: admit waiting requests (one batched prefill), then one decode

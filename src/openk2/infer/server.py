@@ -6,8 +6,10 @@ tokens); `tool_choice` "required" or a named function, and `response_format` jso
 json_schema, decode under a grammar from `openk2.infer.constrain`; "none" bans the tool-call
 section tokens. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`:
 400 for bad JSON or fields and prompts longer than the context, 401 for a wrong API key, 404 for
-an unknown model. The engine runs in its own thread with continuous batching, so concurrent
-requests share decode steps.
+an unknown model. The engine batches continuously, so concurrent requests share decode steps.
+`serve` (`openk2 serve`) steps the engine in the main thread and runs uvicorn in a helper thread:
+on CPU, OpenMP runs torch's mid-sized ops about twice as slowly from a non-main thread, and the
+event loop's work is light. `create_app` alone (tests, embedding) starts the engine's own thread.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -144,17 +147,20 @@ class _State:
 
 
 def create_app(engine: Engine, tokenizer: Any, model_name: str = "openk2",
-               api_key: str | None = None) -> FastAPI:
-    """The FastAPI app; starts the engine's background thread on startup, stops it on shutdown."""
+               api_key: str | None = None, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With `start_engine` it starts the engine's background thread on startup
+    and stops it on shutdown; without, the caller steps the engine (`Engine.run`, as `serve`)."""
     state = _State(engine, tokenizer, model_name, api_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if start_engine:
+            engine.start()
         try:
             yield
         finally:
-            engine.stop()
+            if start_engine:
+                engine.stop()
 
     app = FastAPI(title="openk2", lifespan=lifespan)
     app.state.openk2 = state
@@ -604,8 +610,46 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
 
     engine, tokenizer = load_engine(path, max_batch, max_len)
     api_key = api_key or os.environ.get("OPENK2_API_KEY") or None
-    app = create_app(engine, tokenizer, model_name or Path(path).resolve().name, api_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(engine, tokenizer, model_name or Path(path).resolve().name, api_key, start_engine=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    failed: list[BaseException] = []
+
+    def run_http() -> None:
+        try:
+            server.run()  # outside the main thread uvicorn leaves the signal handlers alone
+        except BaseException as e:  # e.g. SystemExit(1) when the port is taken (uvicorn logged why)
+            failed.append(e)
+        finally:
+            engine.stop()
+
+    http = threading.Thread(target=run_http, name="openk2-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    http.start()
+    try:
+        engine.run()  # returns when the HTTP thread ends
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let uvicorn finish the open requests
+        server.should_exit = True
+        _drain(engine, server, http)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        http.join(timeout=30)
+    if failed or not server.started:
+        raise OSError(f"could not serve on {host}:{port} (see the message above): is the port in use?")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _drain(engine: Engine, server: Any, http: threading.Thread) -> None:
+    """Step the engine while uvicorn finishes the open requests; a second interrupt stops at once."""
+    try:
+        while http.is_alive():
+            if not engine.step():
+                http.join(timeout=0.05)
+    except KeyboardInterrupt:
+        server.force_exit = True
 
 
 class BackgroundServer:
