@@ -23,10 +23,11 @@ rows, rotary rows permuted so interleaved RoPE becomes half-split RoPE, the soft
 into the query, expert matrices in torch._grouped_mm's layout, transposed copies that MKL streams
 faster for a single row, oneDNN pre-packed copies that beat MKL above a few rows);
 `DecodeWeights.stale` notices in-place optimizer updates and `CompressedDecoder.refresh` rebuilds
-them. When a decode batch's few tokens fill at least E routing slots between them (N·K ≥ E), a
-MoE layer runs every routed and shared expert on every token as one wide SwiGLU (two matmuls, the
-routing weight 0 for unchosen experts): a sparse dispatch would read most expert weights anyway
-(at batch 8 on 8 experts, top-2, about 7 of them), in one small matmul per expert.
+them. When a decode batch's few tokens fill at least half as many routing slots as there are
+experts (2·N·K ≥ E) and the layer's experts are small, a MoE layer runs every routed and shared
+expert on every token as one wide SwiGLU (two matmuls, the routing weight 0 for unchosen
+experts): a sparse dispatch would read many of the expert weights anyway, in one small matmul
+per expert, and its sort, gather and scatter cost more than the extra bytes.
 
 MoE layers are run from the module's router and expert weights without calling `MoE.forward`,
 so inference never adds to the load statistics (`tokens_per_expert`) that the aux-loss-free bias
@@ -55,10 +56,15 @@ _FOLD_SMALL = 1 << 17
 # Copy expert weights into torch._grouped_mm's layout when a layer has at most this many.
 _EXPERT_COPY_MAX_ELEMENTS = 1 << 26
 # Run every routed expert on every token (two packed matmuls, unselected experts weighted 0) when
-# at most _DENSE_EXPERTS_MAX_TOKENS tokens fill at least E routing slots (N·K ≥ E), i.e. when a
-# sparse dispatch would read most expert weights anyway, in many small calls.
+# at most _DENSE_EXPERTS_MAX_TOKENS tokens fill at least _DENSE_EXPERTS_MIN_SLOTS · E routing slots
+# (N·K ≥ E / 2) and the layer's experts hold at most _DENSE_EXPERTS_MAX_ELEMENTS values: then a
+# sparse dispatch reads many of the expert weights anyway, in many small calls (the crossover,
+# measured on tiny and small by benchmarks/dense_experts.py, is in docs/LOG.md). Large experts
+# (K2's, Moonlight's) always take the sparse path.
 _DENSE_EXPERTS = True
 _DENSE_EXPERTS_MAX_TOKENS = 16
+_DENSE_EXPERTS_MIN_SLOTS = 0.5
+_DENSE_EXPERTS_MAX_ELEMENTS = 1 << 23
 
 
 class MLACache:
@@ -265,7 +271,7 @@ def _ffn_weights(mlp: MLP | MoE) -> _FFNWeights:
         out.gate_up = torch.cat((experts.gate_proj, experts.up_proj), dim=1).transpose(1, 2).contiguous()
         out.down = experts.down_proj.transpose(1, 2).contiguous()
     S, rest = (0, 0) if shared is None else divmod(shared.gate_proj.weight.shape[0], I)  # width S * I
-    if _DENSE_EXPERTS and _PACKED_LINEAR and on_cpu and not rest and 3 * (E + S) * I * D <= _EXPERT_COPY_MAX_ELEMENTS:
+    if _DENSE_EXPERTS and _PACKED_LINEAR and on_cpu and not rest and 3 * (E + S) * I * D <= _DENSE_EXPERTS_MAX_ELEMENTS:
         gates = [experts.gate_proj.reshape(E * I, D)]
         ups = [experts.up_proj.reshape(E * I, D)]
         downs = [experts.down_proj.permute(1, 0, 2).reshape(D, E * I)]
@@ -446,7 +452,7 @@ class CompressedDecoder:
         weights, experts, _ = mlp.gate(x)  # [N, K] routing weights (float32) and expert ids
         E, K = mlp.experts.num_experts, experts.shape[1]
         N = x.shape[0]
-        if w.all_up is not None and N <= _DENSE_EXPERTS_MAX_TOKENS and N * K >= E:
+        if w.all_up is not None and N <= _DENSE_EXPERTS_MAX_TOKENS and N * K >= _DENSE_EXPERTS_MIN_SLOTS * E:
             gate, up = w.all_up(x).chunk(2, dim=-1)  # [N, (E + S) I] each
             g = x.new_zeros(N, E).scatter_(1, experts, weights.to(x.dtype))  # 0 where not chosen
             if w.shared_slices:
