@@ -623,7 +623,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
             engine.stop()
 
     http = threading.Thread(target=run_http, name="openk2-http", daemon=True)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    main = threading.current_thread() is threading.main_thread()  # only there may handlers be set
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main else None
     http.start()
     try:
         engine.run()  # returns when the HTTP thread ends
@@ -631,7 +632,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
         server.should_exit = True
         _drain(engine, server, http)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         server.should_exit = True
         http.join(timeout=30)
     if failed or not server.started:
