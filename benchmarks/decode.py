@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from common import cpu_name, timed
 
 from openk2 import build_model, param_counts, preset, save_model
 from openk2.infer import Engine, SamplingParams
+from openk2.infer.server import wait_until_serving
 
 
 def decode_rates(ours, theirs, batch: int, tokens: int, repeats: int) -> tuple[float, float]:
@@ -134,18 +134,10 @@ def bench_server(name: str, folder: Path, requests: int, max_tokens: int) -> flo
     )
     server = subprocess.Popen([sys.executable, "-c", code])
     try:
+        wait_until_serving(f"http://127.0.0.1:{port}", server)
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600
         )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.2)
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         counts = [0] * requests
 

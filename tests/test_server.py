@@ -14,7 +14,7 @@ from openk2.data.chat import encode_chat, parse_assistant
 from openk2.data.tokenizer import train_tokenizer
 from openk2.infer import SamplingParams
 from openk2.infer.chat_cli import BUILTIN_TOOLS, CalculatorError, ChatSession, calculate, run_tool
-from openk2.infer.server import BackgroundServer, create_app, load_engine
+from openk2.infer.server import BackgroundServer, create_app, load_engine, wait_until_serving
 
 VOCAB = 640
 
@@ -509,15 +509,8 @@ def test_openk2_serve_steps_the_engine_in_its_main_thread_and_shuts_down_cleanly
     command = [sys.executable, "-m", "openk2", "serve", str(checkpoint), "--port", str(port), "--model-name", "m"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_until_serving(f"http://127.0.0.1:{port}", proc)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.1)
         taken = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert taken.returncode != 0 and "is the port in use" in taken.stdout + taken.stderr
         replies = []
@@ -533,3 +526,19 @@ def test_openk2_serve_steps_the_engine_in_its_main_thread_and_shuts_down_cleanly
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_wait_until_serving_names_a_server_that_exited():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gone = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    gone.wait()
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_until_serving(f"http://127.0.0.1:{port}", gone)
+    with pytest.raises(RuntimeError, match="did not answer within"):
+        wait_until_serving(f"http://127.0.0.1:{port}", timeout=0.3)

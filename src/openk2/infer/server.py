@@ -640,6 +640,26 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise OSError(f"could not serve on {host}:{port} (see the message above): is the port in use?")
 
 
+def wait_until_serving(url: str, process: Any = None, timeout: float = 120.0) -> None:
+    """Block until `GET {url}/health` answers, e.g. for `openk2 serve` started in a subprocess.
+    RuntimeError if `process` (a `subprocess.Popen`) exits first or `timeout` seconds pass."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server at {url} exited with code {process.returncode} "
+                                   "before it answered") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {url} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.1)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
