@@ -11,7 +11,7 @@ import torch
 
 from openk2 import build_model, preset, save_model
 from openk2.data.chat import encode_chat, parse_assistant
-from openk2.data.tokenizer import train_tokenizer
+from openk2.data.tokenizer import K2Tokenizer, train_tokenizer
 from openk2.infer import SamplingParams
 from openk2.infer.chat_cli import BUILTIN_TOOLS, CalculatorError, ChatSession, calculate, run_tool
 from openk2.infer.server import BackgroundServer, create_app, load_engine, wait_until_serving
@@ -513,16 +513,18 @@ def test_openk2_serve_steps_the_engine_in_its_main_thread_and_shuts_down_cleanly
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         taken = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert taken.returncode != 0 and "is the port in use" in taken.stdout + taken.stderr
+        tokenizer = K2Tokenizer.load(checkpoint)
+        never_stop = {str(t): -100 for t in {tokenizer.eos_id, tokenizer.im_end_id}}  # runs to max_tokens
         replies = []
         request = threading.Thread(target=lambda: replies.append(client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1000, stop=["@@@@"])))
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1000, logit_bias=never_stop)))
         request.start()
         time.sleep(0.3)
         in_flight = request.is_alive()
         proc.send_signal(signal.SIGTERM)
         request.join(timeout=60)
         assert proc.wait(timeout=60) == 0
-        assert in_flight and replies and replies[0].choices[0].finish_reason in ("length", "stop")
+        assert in_flight and replies and replies[0].choices[0].finish_reason == "length"
     finally:
         if proc.poll() is None:
             proc.kill()
