@@ -50,6 +50,19 @@ def best_of(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1)
     return {name: min(t) for name, t in rounds(fns, repeats, warmup).items()}
 
 
+def greedy(engine, prompts: list[list[int]]) -> Callable[[int], list]:
+    """`generate(n)`: the engine's greedy completions of `prompts`, n tokens each (EOS ignored)."""
+    from openk2.infer import SamplingParams
+
+    return lambda n: engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+
+def decode_step_seconds(generate: Callable[[int], object], tokens: int) -> float:
+    """Seconds per decode step of `generate(n)`: an n = `tokens` run minus a 1-token run, so the
+    prefill cancels out."""
+    return (timed(lambda: generate(tokens)) - timed(lambda: generate(1))) / (tokens - 1)
+
+
 def matmul(dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
     """A CEILING_N^3 matmul, to time beside the contenders."""
     a, b = torch.randn(CEILING_N, CEILING_N, dtype=dtype), torch.randn(CEILING_N, CEILING_N, dtype=dtype)

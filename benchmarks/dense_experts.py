@@ -11,15 +11,14 @@ with the sparse dispatch always taken; the three alternate round by round, best 
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Callable
 
 import torch
-from common import cpu_name
+from common import cpu_name, decode_step_seconds, greedy
 
 import openk2.infer.cache as cache
 from openk2 import build_model, preset
-from openk2.infer import Engine, SamplingParams
+from openk2.infer import Engine
 
 TOKENS = 33
 SETTINGS = {"rule": (True, cache._DENSE_EXPERTS_MIN_SLOTS), "always dense": (True, 0.0),
@@ -27,19 +26,14 @@ SETTINGS = {"rule": (True, cache._DENSE_EXPERTS_MIN_SLOTS), "always dense": (Tru
 
 
 def rate(model, batch: int, setting: str) -> Callable[[], float]:
-    """Decode tokens/s under one setting: the N-token minus the 1-token generation."""
+    """Decode tokens/s under one setting (the engine is rebuilt: the setting shapes its weights)."""
     prompts = [[(7 * i + j) % model.config.vocab_size for j in range(128)] for i in range(batch)]
 
     def run() -> float:
         cache._DENSE_EXPERTS, cache._DENSE_EXPERTS_MIN_SLOTS = SETTINGS[setting]
-        engine = Engine(model, max_batch=batch, max_len=192)
-        engine.generate(prompts, SamplingParams(max_tokens=2))
-        start = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True))
-        long = time.perf_counter() - start
-        start = time.perf_counter()
-        engine.generate(prompts, SamplingParams(max_tokens=1))
-        return batch * (TOKENS - 1) / (long - (time.perf_counter() - start))
+        generate = greedy(Engine(model, max_batch=batch, max_len=192), prompts)
+        generate(2)
+        return batch / decode_step_seconds(generate, TOKENS)
     return run
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from common import best_of, cpu_name
 
+from openk2.model import linear as onednn
 from openk2.model.norm import RMSNorm
 
 E, D, I, N, K, V = 8, 256, 128, 8, 2, 8192
@@ -82,11 +83,11 @@ def decode_contenders() -> dict:
     grouped = lambda: torch._grouped_mm(xs, w_t, offs=offsets)  # noqa: E731
     for name, fn in (("loop", loop(True)), ("loop t", loop(False)), ("padded", padded)):
         torch.testing.assert_close(fn(), grouped(), rtol=1e-4, atol=1e-4, msg=name)
-    all_experts = torch.ops.mkldnn._reorder_linear_weight(w.reshape(E * 2 * I, D))
-    dense = lambda: one_dnn(x, all_experts)  # noqa: E731  [N, E * 2I]: every expert, every token
+    all_experts = onednn.pack(w.reshape(E * 2 * I, D))
+    dense = lambda: onednn.linear(x, all_experts)  # noqa: E731  [N, E * 2I]: every expert, every token
     chosen = dense().view(N, E, 2 * I)[torch.arange(N)[:, None], experts].flatten(0, 1)[order]
     torch.testing.assert_close(chosen, grouped(), rtol=1e-4, atol=1e-4, msg="dense")
-    packed_head = torch.ops.mkldnn._reorder_linear_weight(head)
+    packed_head = onednn.pack(head)
     return {
         "experts: torch._grouped_mm (sparse)": grouped,
         "experts: per-expert loop, x @ W": loop(True),
@@ -96,13 +97,8 @@ def decode_contenders() -> dict:
         "lm head: W @ x^T": lambda: torch.mm(head, h.t()),
         "lm head: x @ W^T copy": lambda: torch.mm(h, head_t),
         "lm head: F.linear": lambda: F.linear(h, head),
-        "lm head: oneDNN packed (engine)": lambda: one_dnn(h, packed_head),
+        "lm head: oneDNN packed (engine)": lambda: onednn.linear(h, packed_head),
     }
-
-
-def one_dnn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T by oneDNN's linear (weight plain [out, in] or pre-packed)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def gemm_contenders() -> dict:
@@ -112,17 +108,17 @@ def gemm_contenders() -> dict:
     h, head = torch.randn(rows, D, generator=g), torch.randn(V, D, generator=g)
     d_logits, grad_head = torch.randn(rows, V, generator=g), torch.zeros(V, D)
     head_t = head.t().contiguous()
-    torch.testing.assert_close(one_dnn(h, head), h @ head.T, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(onednn.linear(h, head), h @ head.T, rtol=1e-4, atol=1e-3)
     return {
         "gemm 1024^3: torch.mm (MKL)": lambda: torch.mm(a, b.T),
-        "gemm 1024^3: oneDNN linear": lambda: one_dnn(a, b),
+        "gemm 1024^3: oneDNN linear": lambda: onednn.linear(a, b),
         "loss chunk logits: h @ W^T (MKL)": lambda: h @ head.T,
-        "loss chunk logits: oneDNN linear": lambda: one_dnn(h, head),
+        "loss chunk logits: oneDNN linear": lambda: onednn.linear(h, head),
         "loss chunk dh: dlogits @ W (MKL)": lambda: d_logits @ head,
-        "loss chunk dh: oneDNN, W^T copied": lambda: one_dnn(d_logits, head.t().contiguous()),
-        "loss chunk dh: oneDNN, W^T kept": lambda: one_dnn(d_logits, head_t),
+        "loss chunk dh: oneDNN, W^T copied": lambda: onednn.linear(d_logits, head.t().contiguous()),
+        "loss chunk dh: oneDNN, W^T kept": lambda: onednn.linear(d_logits, head_t),
         "loss chunk dW: addmm_ (MKL)": lambda: grad_head.addmm_(d_logits.T, h),
-        "loss chunk dW: oneDNN on views": lambda: grad_head.add_(one_dnn(d_logits.t(), h.t())),
+        "loss chunk dW: oneDNN on views": lambda: grad_head.add_(onednn.linear(d_logits.t(), h.t())),
     }
 
 
@@ -130,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
-    if not torch.backends.mkldnn.is_available():
+    if not onednn.AVAILABLE:
         raise SystemExit("benchmarks/kernels.py compares against oneDNN: this torch build has none")
     print(f"# kernels  torch {torch.__version__}  {cpu_name()}  {torch.get_num_threads()} threads")
     with torch.inference_mode():

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import cpu_name, timed
+from common import cpu_name, decode_step_seconds, greedy, timed
 from torch.profiler import ProfilerActivity, profile
 from train_step import openk2_loss, step_fn
 
 from openk2 import build_model, preset
-from openk2.infer import Engine, SamplingParams
+from openk2.infer import Engine
 
 DECODE_BATCH, DECODE_CONTEXT, DECODE_TOKENS = 8, 128, 33
 
@@ -41,12 +41,9 @@ def decode_run(name: str):
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.config.vocab_size, (DECODE_BATCH, DECODE_CONTEXT), generator=g).tolist()
     engine = Engine(model, max_batch=DECODE_BATCH, max_len=DECODE_CONTEXT + DECODE_TOKENS + 8)
-
-    def generate(tokens: int = DECODE_TOKENS) -> None:
-        engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
-
+    generate = greedy(engine, prompts)
     generate(2)
-    return generate, lambda: (timed(generate) - timed(lambda: generate(1))) / (DECODE_TOKENS - 1)
+    return lambda: generate(DECODE_TOKENS), lambda: decode_step_seconds(generate, DECODE_TOKENS)
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")

@@ -19,10 +19,10 @@ import time
 from typing import Callable
 
 import torch
-from common import cpu_name
+from common import cpu_name, greedy, timed
 
 from openk2 import build_model, preset
-from openk2.infer import Engine, SamplingParams
+from openk2.infer import Engine
 from openk2.model import linear as onednn
 
 CALLS = 200
@@ -64,16 +64,10 @@ def per_call(fn: Callable[[], object]) -> Callable[[], float]:
 
 def generate_rate() -> Callable[[], float]:
     model = build_model(preset("tiny"), seed=0)
-    engine = Engine(model, max_batch=32, max_len=256)
     prompts = [[5 + i, 17, 33, 2, 9, 41, 7, 8] * 8 for i in range(32)]
-    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-    engine.generate(prompts[:2], SamplingParams(max_tokens=2))
-
-    def run() -> float:
-        start = time.perf_counter()
-        outs = engine.generate(prompts, params)
-        return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
-    return run
+    generate = greedy(Engine(model, max_batch=32, max_len=256), prompts)
+    generate(2)
+    return lambda: 32 * 64 / timed(lambda: generate(64))
 
 
 def main() -> None:

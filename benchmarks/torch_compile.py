@@ -24,11 +24,11 @@ import time
 
 import torch
 from torch._dynamo.utils import counters
-from common import cpu_name, rounds, timed
+from common import cpu_name, decode_step_seconds, greedy, rounds
 from train_step import openk2_loss, step_fn
 
 from openk2 import build_model, preset
-from openk2.infer import Engine, SamplingParams
+from openk2.infer import Engine
 
 BATCH, CONTEXT, TOKENS = 8, 128, 33
 
@@ -59,16 +59,11 @@ def decode_contenders() -> dict:
         if name.endswith("compiled"):
             engine.decoder.decode = torch.compile(engine.decoder.decode, dynamic=True)
 
-        def generate(n: int, engine=engine) -> list:
-            return engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
-
+        generate = greedy(engine, prompts)
         start = time.perf_counter()
         tokens[name] = [c.token_ids for c in generate(TOKENS)]
         print(f"{name}: first generate {time.perf_counter() - start:.1f} s")
-        def step_seconds(generate=generate) -> float:  # N tokens minus 1: the prefill cancels out
-            return (timed(lambda: generate(TOKENS)) - timed(lambda: generate(1))) / (TOKENS - 1)
-
-        contenders[name] = step_seconds
+        contenders[name] = lambda generate=generate: decode_step_seconds(generate, TOKENS)
     print(f"decode: compiled tokens equal eager tokens: {tokens['decode eager'] == tokens['decode compiled']}; "
           f"{counters['stats']['unique_graphs']} graphs; graph breaks: "
           f"{ {reason.splitlines()[0]: n for reason, n in counters['graph_break'].items()} }")

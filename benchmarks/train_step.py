@@ -9,9 +9,10 @@ copy would not fit in a few GiB). openk2 and the reference then run alternately,
 and each side's fastest step is reported (its median beside it), so both see the same machine
 load. Also printed: achieved GFLOP/s against an fp32 matmul ceiling measured in the same run,
 and the cost of openk2's MoE dispatch (routing, sort, gather, scatter; forward + backward, all
-MoE layers) on its own.
+MoE layers) on its own. `--mkl-logits` adds openk2 with the fused loss's logits product on MKL
+instead of oneDNN (docs/LOG.md) as a third contender in the same rounds.
 
-    python benchmarks/train_step.py [--presets tiny small] [--steps 5]
+    python benchmarks/train_step.py [--presets tiny small] [--steps 5] [--mkl-logits]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from common import best_of, cpu_name, gflops_of_matmul, matmul, rounds, timed
 
+import openk2.train.loss as loss_module
 from openk2 import build_model, param_counts, preset, save_model
 from openk2.train.trainer import next_token_loss
 
@@ -128,14 +130,27 @@ def pick_transformers(folder: str, config):
     return best[1], best[2]
 
 
-def bench_preset(name: str, steps: int, ceiling: float) -> list[dict]:
+def openk2_loss_mkl_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """openk2's loss with the fused loss's logits on torch's own product (MKL) instead of oneDNN."""
+    supports = loss_module.onednn_supports
+    loss_module.onednn_supports = lambda *tensors: False
+    try:
+        return openk2_loss(model, ids)
+    finally:
+        loss_module.onednn_supports = supports
+
+
+def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False) -> list[dict]:
     config = preset(name)
     model = build_model(config, seed=0)
     flops = step_flops(config)
     with tempfile.TemporaryDirectory() as folder:
         save_model(model, folder)
         label, reference = pick_transformers(folder, config)
-        times = rounds({"openk2": step_fn(model, openk2_loss), label: reference}, steps)
+        contenders = {"openk2": step_fn(model, openk2_loss), label: reference}
+        if mkl_logits:
+            contenders["openk2, loss logits on MKL"] = step_fn(model, openk2_loss_mkl_logits)
+        times = rounds(contenders, steps)
     rows = [{"impl": impl, "seconds": min(t), "median": statistics.median(t)} for impl, t in times.items()]
     one_dispatch = dispatch_step(model)
     dispatch = min(timed(one_dispatch) for _ in range(steps))
@@ -159,6 +174,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument("--mkl-logits", action="store_true",
+                        help="also time openk2 with the loss's logits on MKL instead of oneDNN")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +185,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"fp32 matmul ceiling (2048^3): {ceiling:,.1f} GFLOP/s")
     for name in args.presets:
-        bench_preset(name, args.steps, ceiling)
+        bench_preset(name, args.steps, ceiling, args.mkl_logits)
 
 
 if __name__ == "__main__":

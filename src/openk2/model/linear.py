@@ -61,6 +61,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+# Opaque to torch.compile: inductor cannot trace oneDNN's packed (opaque) tensors, and a compiled
+# caller (benchmarks/torch_compile.py compiles the decode step) then calls it eagerly.
+@torch.compiler.disable
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for x [M, in] and a plain or packed weight. No autograd: check
     `supports` (or run without grad) first."""
