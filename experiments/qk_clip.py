@@ -10,6 +10,11 @@ and applies them after it, so on that batch a clipped head's max is tau times th
 that the step's own update gave it: `max_logit_after_step` is tau times the drift of the
 update. The next step's pre-clip max (on a new batch) adds the spread between batches.
 
+At the end, the RMS of the final weights by the parts QK-Clip scales (each head's q-nope and
+q-rope rows, its k-nope rows) and the parts it leaves alone (v rows, the shared rotary key's
+rows of kv_a_proj, the norm gains before q and k), per layer, for both runs: where the clipped
+weights end up against Muon's update, whose elements have RMS ~0.2 lr.
+
     python experiments/qk_clip.py --out runs/qk_clip [--tau 15] [--lr 0.02] [--steps 300]
 """
 
@@ -27,6 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from common import dump, run  # noqa: E402
 
+from openk2 import load_model  # noqa: E402
 from openk2.eval.report import smooth  # noqa: E402
 
 
@@ -82,9 +88,36 @@ def main() -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / "qk_clip.png", dpi=110)
-    dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary})
+    scales = {label: weight_scales(args.out / name / "final")
+              for label, name in zip(runs, ("muon", "muonclip"))}
+    dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary, "weight_rms": scales})
     for label, values in summary.items():
         print(label, values)
+    for label, layers in scales.items():
+        print(f"{label}: final weight RMS per layer (mean over heads)")
+        for i, parts in enumerate(layers):
+            print(f"  layer {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+
+
+@torch.no_grad()
+def weight_scales(checkpoint: Path) -> list[dict[str, float]]:
+    """Per layer: RMS of the rows QK-Clip scales and of the attention weights it leaves alone."""
+    model = load_model(checkpoint)
+    config = model.config
+    H, nope, rope, v = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                        config.v_head_dim)
+    rms = lambda t: float(t.float().pow(2).mean().sqrt())  # noqa: E731
+    layers = []
+    for attn in model.attention_layers():
+        q = attn.query_proj.weight.view(H, nope + rope, -1)
+        kv = attn.kv_b_proj.weight.view(H, nope + v, -1)
+        parts = {"q_nope": rms(q[:, :nope]), "q_rope": rms(q[:, nope:]), "k_nope": rms(kv[:, :nope]),
+                 "v": rms(kv[:, nope:]), "k_rope (kv_a_proj)": rms(attn.kv_a_proj_with_mqa.weight[-rope:]),
+                 "kv_a_layernorm": rms(attn.kv_a_layernorm.weight)}
+        if config.q_lora_rank is not None:
+            parts["q_a_layernorm"] = rms(attn.q_a_layernorm.weight)
+        layers.append(parts)
+    return layers
 
 
 @torch.no_grad()

@@ -211,3 +211,31 @@ def _worker(rank: int, world: int, init_file: str) -> None:
 @pytest.mark.distributed
 def test_distributed_statistics_are_all_reduced(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "pg")), nprocs=2, join=True)
+
+
+def test_experiment_weight_scales_split_the_rows_qk_clip_owns(tmp_path):
+    """experiments/qk_clip.py's weight table reads each part from the right rows."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    try:
+        from qk_clip import weight_scales
+    finally:
+        sys.path.pop(0)
+    model = one_layer_model(q_lora=True)
+    attn = next(model.attention_layers())
+    H, nope, rope, v = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.v_dim
+    with torch.no_grad():
+        q = attn.q_b_proj.weight.view(H, nope + rope, -1)
+        q[:, :nope], q[:, nope:] = 1.0, -2.0
+        kv = attn.kv_b_proj.weight.view(H, nope + v, -1)
+        kv[:, :nope], kv[:, nope:] = 3.0, 4.0
+        attn.kv_a_proj_with_mqa.weight[:-rope] = 9.0
+        attn.kv_a_proj_with_mqa.weight[-rope:] = 5.0
+        attn.q_a_layernorm.weight.fill_(6.0)
+        attn.kv_a_layernorm.weight.fill_(7.0)
+    openk2.save_model(model, tmp_path)
+    (parts,) = weight_scales(tmp_path)
+    assert parts == pytest.approx({"q_nope": 1.0, "q_rope": 2.0, "k_nope": 3.0, "v": 4.0,
+                                   "k_rope (kv_a_proj)": 5.0, "q_a_layernorm": 6.0, "kv_a_layernorm": 7.0})
