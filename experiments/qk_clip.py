@@ -9,6 +9,9 @@ the weights the step left. QK-Clip computes its factors from the forward before 
 and applies them after it, so on that batch a clipped head's max is tau times the growth
 that the step's own update gave it: `max_logit_after_step` is tau times the drift of the
 update. The next step's pre-clip max (on a new batch) adds the spread between batches.
+Each head's max is recorded too, before and after the step (`StepProbe`), and summarised per
+head (`head_drift`): how far one clipped head comes back above tau, against the largest of the
+heads clipped on a step, which is what `max_logit_after_step` reports.
 
 At the end, the RMS of the final weights by the parts QK-Clip scales (each head's q-nope and
 q-rope rows, its k-nope rows) and the parts it leaves alone (v rows, the shared rotary key's
@@ -49,12 +52,13 @@ def main() -> None:
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
     runs = {
         "Muon (no clip)": run(args.out / "muon", args.recipe, base + ["optim.qk_clip_tau=0"],
-                              on_step=probe_after_step),
+                              on_step=StepProbe()),
         f"MuonClip (tau={args.tau:g})": run(args.out / "muonclip", args.recipe,
-                                           base + [f"optim.qk_clip_tau={args.tau}"], on_step=probe_after_step),
+                                           base + [f"optim.qk_clip_tau={args.tau}"], on_step=StepProbe()),
     }
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     summary = {}
+    first_clip = _first_clip(list(runs.values())[1])
     for label, records in runs.items():
         steps = [r["step"] for r in records]
         line, = left.plot(steps, [r["max_logit"] for r in records], label=label)
@@ -75,6 +79,7 @@ def main() -> None:
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
+            **head_drift(records, args.tau, clipped=label != "Muon (no clip)", after=first_clip),
         }
     left.axhline(args.tau, color="red", linestyle="--", label=f"tau = {args.tau:g}")
     left.set_yscale("log")
@@ -120,14 +125,54 @@ def weight_scales(checkpoint: Path) -> list[dict[str, float]]:
     return layers
 
 
-@torch.no_grad()
-def probe_after_step(model, micro_batches, record: dict) -> None:
-    """Re-run the step's micro-batches with the weights the step left; record their max logit."""
-    model.reset_stats()
-    for tokens, _ in micro_batches:
-        model.model(tokens[:, :-1])
-    record["max_logit_after_step"] = float(model.max_logits().max())
-    model.reset_stats()
+class StepProbe:
+    """on_step hook: the step's micro-batches again, with the weights the step left. Records the
+    largest logit after the step and, per head (layers x heads, flattened), its max in the step's
+    own forward (what the optimizer read, before clipping) and after the step. The optimizer
+    resets the statistic once it has read it, so the probe keeps what `max_logits()` returned
+    (from the second step on: the first step's read happens before the probe exists)."""
+
+    def __init__(self) -> None:
+        self.read: torch.Tensor | None = None
+        self.original = None
+
+    def _keep(self) -> torch.Tensor:
+        self.read = self.original()
+        return self.read
+
+    @torch.no_grad()
+    def __call__(self, model, micro_batches, record: dict) -> None:
+        if self.original is None:
+            self.original, model.max_logits = model.max_logits, self._keep
+        elif self.read is not None:
+            record["head_max_before"] = self.read.float().flatten().tolist()
+        model.reset_stats()
+        for tokens, _ in micro_batches:
+            model.model(tokens[:, :-1])
+        after = self.original().float()
+        record["max_logit_after_step"] = float(after.max())
+        record["head_max_after"] = after.flatten().tolist()
+        model.reset_stats()
+
+
+def head_drift(records: list[dict], tau: float, clipped: bool, after: int) -> dict[str, float | None]:
+    """Steps after `after` (the clipped run's first clip): per head, what one update does. Clipped run: each clipped head's max
+    after the step / tau, the largest over heads / tau (the logged drift) and heads clipped per
+    step. Plain run: each head's max after / before the step, for heads above tau / 2."""
+    rows = [r for r in records if r["step"] > after and "head_max_before" in r]
+    if clipped:
+        per_head = [a / tau for r in rows for a, b in zip(r["head_max_after"], r["head_max_before"]) if b > tau]
+        return {"clipped_head_after_over_tau_median": _median(per_head),
+                "clipped_head_after_over_tau_p90": _quantile(per_head, 0.9),
+                "max_over_heads_after_over_tau_median": _median([max(r["head_max_after"]) / tau for r in rows]),
+                "heads_clipped_per_step_median": _median([sum(b > tau for b in r["head_max_before"])
+                                                          for r in rows])}
+    growth = [a / b for r in rows for a, b in zip(r["head_max_after"], r["head_max_before"]) if b > tau / 2]
+    return {"head_growth_median": _median(growth), "head_growth_p90": _quantile(growth, 0.9)}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 def _median(values: list[float]) -> float | None:

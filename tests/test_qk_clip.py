@@ -213,16 +213,39 @@ def test_distributed_statistics_are_all_reduced(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "pg")), nprocs=2, join=True)
 
 
-def test_experiment_weight_scales_split_the_rows_qk_clip_owns(tmp_path):
-    """experiments/qk_clip.py's weight table reads each part from the right rows."""
+def qk_clip_experiment():
+    """experiments/qk_clip.py as a module (experiments/ is not a package)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     try:
-        from qk_clip import weight_scales
+        import qk_clip
     finally:
         sys.path.pop(0)
+    return qk_clip
+
+
+def test_experiment_head_drift_reads_clipped_heads_after_the_first_clip():
+    head_drift = qk_clip_experiment().head_drift
+    records = [
+        {"step": 1, "head_max_before": [20.0, 1.0], "head_max_after": [30.0, 1.0]},  # before `after`
+        {"step": 3, "head_max_before": [12.0, 4.0], "head_max_after": [11.0, 4.4]},
+        {"step": 4, "head_max_before": [15.0, 11.0], "head_max_after": [10.5, 12.0]},
+        {"step": 5},  # no per-head record (the probe's first step)
+    ]
+    clipped = head_drift(records, tau=10.0, clipped=True, after=2)
+    assert clipped["clipped_head_after_over_tau_median"] == pytest.approx(1.1)  # 1.1, 1.05, 1.2
+    assert clipped["clipped_head_after_over_tau_p90"] == pytest.approx(1.2)
+    assert clipped["max_over_heads_after_over_tau_median"] == pytest.approx((1.1 + 1.2) / 2)
+    assert clipped["heads_clipped_per_step_median"] == pytest.approx(1.5)
+    plain = head_drift(records, tau=10.0, clipped=False, after=2)  # heads above tau / 2 only
+    assert plain["head_growth_median"] == pytest.approx(11 / 12)  # of 11/12, 10.5/15, 12/11
+
+
+def test_experiment_weight_scales_split_the_rows_qk_clip_owns(tmp_path):
+    """experiments/qk_clip.py's weight table reads each part from the right rows."""
+    weight_scales = qk_clip_experiment().weight_scales
     model = one_layer_model(q_lora=True)
     attn = next(model.attention_layers())
     H, nope, rope, v = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.v_dim
