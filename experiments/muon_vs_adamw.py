@@ -64,7 +64,9 @@ def main() -> None:
         complete[fraction] = val_curve(records)[-1]
         print(f"muonclip lr={best['muonclip']:g}, complete run of {steps} steps: final val "
               f"{complete[fraction][1]:.4f}", flush=True)
-    complete_reached = tokens_to_reach([complete[f] for f in sorted(complete)], target)
+    # Without shorter runs there is nothing to read: the full run alone says only "at most 1.0x".
+    complete_reached = (tokens_to_reach([complete[f] for f in sorted(complete)], target)
+                        if len(complete) > 1 else None)
     complete_ratio = complete_reached / adamw[-1][0] if complete_reached is not None else None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, curves in results.items():

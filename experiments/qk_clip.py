@@ -156,18 +156,20 @@ class StepProbe:
 
 
 def head_drift(records: list[dict], tau: float, clipped: bool, after: int) -> dict[str, float | None]:
-    """Steps after `after` (the clipped run's first clip): per head, what one update does. Clipped run: each clipped head's max
-    after the step / tau, the largest over heads / tau (the logged drift) and heads clipped per
-    step. Plain run: each head's max after / before the step, for heads above tau / 2."""
+    """Steps after `after` (the clipped run's first clip): per head, what one update does.
+    Clipped run: each clipped head's max after the step / tau, the largest over heads / tau (the
+    logged drift) and heads clipped per step. Plain run: each head's max after / before the
+    step, for heads above tau / 2."""
     rows = [r for r in records if r["step"] > after and "head_max_before" in r]
+    pairs = [list(zip(r["head_max_after"], r["head_max_before"])) for r in rows]  # per step
     if clipped:
-        per_head = [a / tau for r in rows for a, b in zip(r["head_max_after"], r["head_max_before"]) if b > tau]
+        per_head = [a / tau for step in pairs for a, b in step if b > tau]
         return {"clipped_head_after_over_tau_median": _median(per_head),
                 "clipped_head_after_over_tau_p90": _quantile(per_head, 0.9),
-                "max_over_heads_after_over_tau_median": _median([max(r["head_max_after"]) / tau for r in rows]),
-                "heads_clipped_per_step_median": _median([sum(b > tau for b in r["head_max_before"])
-                                                          for r in rows])}
-    growth = [a / b for r in rows for a, b in zip(r["head_max_after"], r["head_max_before"]) if b > tau / 2]
+                "max_over_heads_after_over_tau_median": _median([max(a for a, _ in step) / tau
+                                                                 for step in pairs]),
+                "heads_clipped_per_step_median": _median([sum(b > tau for _, b in step) for step in pairs])}
+    growth = [a / b for step in pairs for a, b in step if b > tau / 2]
     return {"head_growth_median": _median(growth), "head_growth_p90": _quantile(growth, 0.9)}
 
 
