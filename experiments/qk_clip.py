@@ -50,15 +50,14 @@ def main() -> None:
     args = parser.parse_args()
     base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", "train.eval_every=50",
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
-    runs = {
-        "Muon (no clip)": run(args.out / "muon", args.recipe, base + ["optim.qk_clip_tau=0"],
-                              on_step=StepProbe()),
-        f"MuonClip (tau={args.tau:g})": run(args.out / "muonclip", args.recipe,
-                                           base + [f"optim.qk_clip_tau={args.tau}"], on_step=StepProbe()),
-    }
+    # label -> (run folder, tau); the second is the clipped run
+    setups = {"Muon (no clip)": ("muon", 0.0), f"MuonClip (tau={args.tau:g})": ("muonclip", args.tau)}
+    runs = {label: run(args.out / folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
+                       on_step=StepProbe())
+            for label, (folder, tau) in setups.items()}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     summary = {}
-    first_clip = _first_clip(list(runs.values())[1])
+    first_clip = _first_clip(runs[f"MuonClip (tau={args.tau:g})"])
     for label, records in runs.items():
         steps = [r["step"] for r in records]
         line, = left.plot(steps, [r["max_logit"] for r in records], label=label)
@@ -79,7 +78,7 @@ def main() -> None:
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
-            **head_drift(records, args.tau, clipped=label != "Muon (no clip)", after=first_clip),
+            **head_drift(records, args.tau, clipped=setups[label][1] > 0, after=first_clip),
         }
     left.axhline(args.tau, color="red", linestyle="--", label=f"tau = {args.tau:g}")
     left.set_yscale("log")
@@ -93,8 +92,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / "qk_clip.png", dpi=110)
-    scales = {label: weight_scales(args.out / name / "final")
-              for label, name in zip(runs, ("muon", "muonclip"))}
+    scales = {label: weight_scales(args.out / folder / "final") for label, (folder, _) in setups.items()}
     dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary, "weight_rms": scales})
     for label, values in summary.items():
         print(label, values)
