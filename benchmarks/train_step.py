@@ -10,14 +10,17 @@ and each side's fastest step is reported (its median beside it), so both see the
 load. Also printed: achieved GFLOP/s against an fp32 matmul ceiling measured in the same run,
 and the cost of openk2's MoE dispatch (routing, sort, gather, scatter; forward + backward, all
 MoE layers) on its own. `--mkl-logits` adds openk2 with the fused loss's logits product on MKL
-instead of oneDNN (docs/LOG.md) as a third contender in the same rounds.
+instead of oneDNN (docs/LOG.md) as a further contender in the same rounds, and `--flash-attention`
+openk2 with PyTorch's fused (flash) attention kernel instead of its explicit CPU attention
+for short sequences.
 
-    python benchmarks/train_step.py [--presets tiny small] [--steps 5] [--mkl-logits]
+    python benchmarks/train_step.py [--presets tiny small] [--steps 5] [--mkl-logits] [--flash-attention]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from common import best_of, cpu_name, gflops_of_matmul, matmul, rounds, timed
 
+import openk2.model.attention as attention_module
 import openk2.train.loss as loss_module
 from openk2 import build_model, param_counts, preset, save_model
 from openk2.train.trainer import next_token_loss
@@ -130,17 +134,32 @@ def pick_transformers(folder: str, config):
     return best[1], best[2]
 
 
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """Set module.name to value for the duration of the block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
 def openk2_loss_mkl_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """openk2's loss with the fused loss's logits on torch's own product (MKL) instead of oneDNN."""
-    supports = loss_module.onednn_supports
-    loss_module.onednn_supports = lambda *tensors: False
-    try:
+    with patched(loss_module, "onednn_supports", lambda *tensors: False):
         return openk2_loss(model, ids)
-    finally:
-        loss_module.onednn_supports = supports
 
 
-def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False) -> list[dict]:
+def openk2_loss_flash_attention(model, ids: torch.Tensor) -> torch.Tensor:
+    """openk2's loss with every layer on PyTorch's fused attention kernel (and the max-logit
+    statistic in its own pass), as before the explicit CPU attention."""
+    with patched(attention_module, "_EXPLICIT_ATTENTION_ELEMENTS", 0):
+        return openk2_loss(model, ids)
+
+
+def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False,
+                 flash_attention: bool = False) -> list[dict]:
     config = preset(name)
     model = build_model(config, seed=0)
     flops = step_flops(config)
@@ -150,6 +169,8 @@ def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False
         contenders = {"openk2": step_fn(model, openk2_loss), label: reference}
         if mkl_logits:
             contenders["openk2, loss logits on MKL"] = step_fn(model, openk2_loss_mkl_logits)
+        if flash_attention:
+            contenders["openk2, flash attention"] = step_fn(model, openk2_loss_flash_attention)
         times = rounds(contenders, steps)
     rows = [{"impl": impl, "seconds": min(t), "median": statistics.median(t)} for impl, t in times.items()]
     one_dispatch = dispatch_step(model)
@@ -176,6 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--mkl-logits", action="store_true",
                         help="also time openk2 with the loss's logits on MKL instead of oneDNN")
+    parser.add_argument("--flash-attention", action="store_true",
+                        help="also time openk2 with PyTorch's fused attention kernel in every layer")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -185,7 +208,7 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"fp32 matmul ceiling (2048^3): {ceiling:,.1f} GFLOP/s")
     for name in args.presets:
-        bench_preset(name, args.steps, ceiling, args.mkl_logits)
+        bench_preset(name, args.steps, ceiling, args.mkl_logits, args.flash_attention)
 
 
 if __name__ == "__main__":

@@ -180,9 +180,15 @@ def _saved_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("explicit", [True, False], ids=["explicit_attention", "fused_attention"])
 @pytest.mark.parametrize("mode", ["none", "selective", "full"])
-def test_activation_estimate_matches_what_the_model_saves(mode):
-    """The planner's per-token formula against saved_tensors_hooks, per layer (fp32, CPU)."""
+def test_activation_estimate_matches_what_the_model_saves(mode, explicit, monkeypatch):
+    """The planner's per-token formula against saved_tensors_hooks, per layer (fp32, CPU), for
+    both CPU attention paths (model/attention.py picks by size)."""
+    import openk2.model.attention as attention
+
+    if not explicit:
+        monkeypatch.setattr(attention, "_EXPLICIT_ATTENTION_ELEMENTS", 0)
     sizes = dict(hidden_size=96, intermediate_size=320, moe_intermediate_size=48, q_lora_rank=80,
                  kv_lora_rank=40, qk_nope_head_dim=24, num_attention_heads=4, num_key_value_heads=4)
     tokens = 2 * 256
@@ -193,7 +199,7 @@ def test_activation_estimate_matches_what_the_model_saves(mode):
         model.set_track_max_logits(False)
         apply_activation_checkpointing(model, mode)
         measured.append(_saved_bytes(model, torch.randint(0, 256, (2, 256))) / tokens)
-        per_token = activation_bytes_per_token(config, mode, act=4, cpu_attention=True)
+        per_token = activation_bytes_per_token(config, mode, act=4, cpu_attention=(2, 256))
         estimate.append(per_token["layers"] + per_token["head"])  # no loss here: logits are not saved
     per_moe_layers = (measured[1] - measured[0], estimate[1] - estimate[0])
     assert estimate[0] == pytest.approx(measured[0], rel=0.2)

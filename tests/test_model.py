@@ -8,6 +8,8 @@ from safetensors.torch import load_file, save_file
 from openk2 import CheckpointError, build_model, load_model, preset, save_model
 from openk2.model.moe import Experts
 
+from attention_reference import causal_logits
+
 
 def tiny(**changes):
     return preset("tiny", vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
@@ -35,15 +37,7 @@ def test_max_logit_matches_explicit_attention():
     attn = model.model.layers[0].self_attn
     x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
     cos, sin = model.model.rotary_emb(torch.arange(10)[None])
-    from openk2.model.rope import apply_rotary
-
-    q_nope, q_rope = attn.project_query(x)
-    latent, k_rope = attn.compress_kv(x)
-    q_rope = apply_rotary(q_rope, cos[:, None], sin[:, None], True)
-    k_rope = apply_rotary(k_rope[:, None], cos[:, None], sin[:, None], True)
-    k_nope = attn.kv_b_proj(latent).view(3, 10, 4, 16).transpose(1, 2)[..., :8]
-    logits = (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)) * attn.softmax_scale
-    logits = logits.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+    logits = causal_logits(attn, x, cos, sin)
     expected = logits.amax(dim=(0, 2, 3))
     assert torch.allclose(attn.max_logits, expected, atol=1e-5)
 
@@ -299,3 +293,28 @@ def test_importing_the_onednn_probe_leaves_the_random_generator_alone():
     code = ("import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
             "import openk2.model.linear; import openk2.infer.cache; assert torch.equal(torch.rand(3), a)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("T", [10, 200])  # one block of query rows; three uneven ones
+def test_explicit_cpu_attention_matches_fused_kernel(monkeypatch, T):
+    """Short CPU sequences take the explicit-probabilities path; it must agree with the fused
+    kernel in output, every gradient and the max-logit statistic."""
+    import openk2.model.attention as attention
+
+    assert len(attention._row_blocks(T)) == (1 if T < 128 else 3)
+    ids = torch.randint(0, 128, (2, T))
+    results = []
+    for budget in (attention._EXPLICIT_ATTENTION_ELEMENTS, 0):
+        monkeypatch.setattr(attention, "_EXPLICIT_ATTENTION_ELEMENTS", budget)
+        model = build_model(tiny(rope_interleave=True), seed=4).double()
+        logits = model(ids)
+        (logits.sin().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), model.max_logits().clone(), grads))
+    (explicit, explicit_max, explicit_grads), (fused, fused_max, fused_grads) = results
+    assert torch.allclose(explicit, fused, atol=1e-10)
+    assert torch.allclose(explicit_max, fused_max, atol=1e-10)
+    assert explicit_max.abs().sum() > 0
+    assert explicit_grads.keys() == fused_grads.keys()
+    for name, grad in explicit_grads.items():
+        assert torch.allclose(grad, fused_grads[name], atol=1e-10), name

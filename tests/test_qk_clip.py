@@ -8,9 +8,9 @@ import pytest
 import openk2
 from openk2.optim import OptimConfig, build_optimizer, scale_rows_, update_router_bias
 
+from attention_reference import causal_logits
+
 TAU = 100.0
-
-
 
 
 def one_layer_model(q_lora: bool):
@@ -20,18 +20,13 @@ def one_layer_model(q_lora: bool):
 
 
 def capture_logits(attn):
-    """Wrap the module's max-logit recorder to also keep the full causal logits [B, H, T, T]."""
+    """Keep the full causal logits [B, H, T, T] of the module's every forward, recomputed from its weights."""
     seen = {}
-    record = attn._record_max_logits
 
-    def spy(q, k):
-        logits = (q @ k.transpose(-1, -2)).float() * attn.softmax_scale
-        T = logits.shape[-1]
-        future = torch.ones(T, T, dtype=torch.bool).triu(1)
-        seen["logits"] = logits.masked_fill(future, float("-inf"))
-        record(q, k)
+    def hook(module, args):
+        seen["logits"] = causal_logits(module, *args)
 
-    attn._record_max_logits = spy
+    attn.register_forward_pre_hook(hook)
     return seen
 
 

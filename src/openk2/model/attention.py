@@ -26,6 +26,99 @@ from openk2.model.rope import apply_rotary, rope_parameters
 
 
 _MAX_LOGIT_BLOCK = 1 << 24  # elements of one logit block in the max-logit statistic
+# Largest B * H * T * T for which CPU attention keeps its probabilities for the backward
+# (64 MiB in float32 per layer) instead of running the flash kernel (docs/LOG.md).
+_EXPLICIT_ATTENTION_ELEMENTS = 1 << 24
+
+
+def _causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[T, T]: 0 where key j <= query i, -inf above the diagonal (added inside the matmul)."""
+    positions = torch.arange(T, device=device)
+    return torch.zeros(T, T, device=device, dtype=dtype).masked_fill_(
+        positions[None, :] > positions[:, None], float("-inf"))
+
+
+def uses_explicit_attention(device_type: str, batch: int, heads: int, seq_len: int) -> bool:
+    """Whether a layer's attention takes `_ExplicitMLAttention` (CPU, short sequences) rather
+    than PyTorch's fused kernel."""
+    return device_type == "cpu" and batch * heads * seq_len * seq_len <= _EXPLICIT_ATTENTION_ELEMENTS
+
+
+def kept_probabilities(seq_len: int) -> int:
+    """Attention probabilities `_ExplicitMLAttention` keeps per sequence and head (its row blocks
+    skip the keys above the diagonal)."""
+    return sum((end - start) * end for start, end in _row_blocks(seq_len))
+
+
+def _row_blocks(T: int) -> list[tuple[int, int]]:
+    """Up to four blocks of query rows (at least 64 each), so causal attention can skip the keys
+    above the diagonal: with four blocks its matmuls do 10/16 of the square's work."""
+    n = max(1, min(4, T // 64))
+    bounds = [round(T * i / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _ExplicitMLAttention(torch.autograd.Function):
+    """Causal MLA attention that keeps its probabilities, for short sequences on the CPU.
+
+    For sequences this short, PyTorch's flash kernel on the CPU (which also needs v padded to the
+    q/k head size) plus a second pass for the max-logit statistic cost more than batched matmuls
+    that keep the probabilities for the backward. Blocks of query rows skip the keys above the
+    diagonal. Working on MLA's parts directly also saves concatenating q and k: the rotary key,
+    shared by all heads, is one [B, T, R] matrix against the heads' rotary queries [B, H*r, R].
+    Returns the output [B, H, T, V] and the per-head max of the scaled logits (float32, not
+    differentiated).
+    """
+
+    @staticmethod
+    def forward(ctx, q_nope, q_rope, k_nope, k_rope, v, scale: float):
+        B, H, T, N = q_nope.shape
+        R, V = q_rope.shape[-1], v.shape[-1]
+        qn, kn = q_nope.reshape(B * H, T, N), k_nope.reshape(B * H, T, N)
+        kr, vf = k_rope.reshape(B, T, R), v.reshape(B * H, T, V)
+        bias = _causal_bias(T, qn.dtype, qn.device)
+        probs, rope_queries, outs, maxima = [], [], [], []
+        for start, end in _row_blocks(T):
+            rows = H * (end - start)
+            qr = q_rope[:, :, start:end].reshape(B, rows, R)
+            logits = torch.baddbmm(bias[start:end, :end], qn[:, start:end], kn[:, :end].transpose(1, 2), alpha=scale)
+            logits.view(B, rows, end).baddbmm_(qr, kr[:, :end].transpose(1, 2), alpha=scale)
+            maxima.append(logits.view(B, H, -1).amax(dim=(0, 2)))
+            p = torch.softmax(logits, dim=-1)
+            outs.append(torch.bmm(p, vf[:, :end]))
+            probs.append(p)
+            rope_queries.append(qr)
+        out = torch.cat(outs, dim=1)
+        ctx.save_for_backward(qn, kn, kr, vf, out, *rope_queries, *probs)
+        ctx.scale, ctx.shape = scale, (B, H, T)
+        head_max = torch.stack(maxima).amax(dim=0).float()
+        ctx.mark_non_differentiable(head_max)
+        return out.view(B, H, T, V), head_max
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_max):
+        qn, kn, kr, vf, out, *saved = ctx.saved_tensors
+        (B, H, T), scale = ctx.shape, ctx.scale
+        blocks = _row_blocks(T)
+        rope_queries, probs = saved[: len(blocks)], saved[len(blocks):]
+        grad_out = grad_out.reshape(out.shape)
+        delta = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O), the softmax backward's shift
+        grad_v, grad_kn, grad_kr = torch.zeros_like(vf), torch.zeros_like(kn), torch.zeros_like(kr)
+        grad_qn, grad_qr = [], []
+        for (start, end), p, qr in zip(blocks, probs, rope_queries):
+            rows = H * (end - start)
+            go = grad_out[:, start:end]
+            grad_v[:, :end] += torch.bmm(p.transpose(1, 2), go)  # (bmm into a slice would loop per matrix)
+            # softmax backward in place: dS = P * (dP - delta); the scale is applied at the end
+            grad_logits = torch.bmm(go, vf[:, :end].transpose(1, 2)).sub_(delta[:, start:end]).mul_(p)
+            grad_qn.append(torch.bmm(grad_logits, kn[:, :end]))
+            grad_kn[:, :end] += torch.bmm(grad_logits.transpose(1, 2), qn[:, start:end])
+            per_batch = grad_logits.view(B, rows, end)
+            grad_qr.append(torch.bmm(per_batch, kr[:, :end]).view(B, H, end - start, -1))
+            grad_kr[:, :end] += torch.bmm(per_batch.transpose(1, 2), qr)
+        return (torch.cat(grad_qn, dim=1).mul_(scale).view(B, H, T, -1), torch.cat(grad_qr, dim=2).mul_(scale),
+                grad_kn.mul_(scale).view(B, H, T, -1), grad_kr.mul_(scale).view(B, 1, T, -1),
+                grad_v.view(B, H, T, -1), None)
 
 
 class MLAttention(nn.Module):
@@ -85,19 +178,27 @@ class MLAttention(nn.Module):
         k_rope = apply_rotary(k_rope[:, None], cos, sin, interleave)  # [B, 1, T, R]
         kv = self.kv_b_proj(latent).view(B, T, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        if uses_explicit_attention(x.device.type, B, self.num_heads, T):
+            out, head_max = _ExplicitMLAttention.apply(q_nope, q_rope, k_nope, k_rope, v, self.softmax_scale)
+            if self.track_max_logits:
+                torch.maximum(self.max_logits, head_max, out=self.max_logits)
+        else:
+            out = self._fused_attention(q_nope, q_rope, k_nope, k_rope, v)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+
+    def _fused_attention(self, q_nope, q_rope, k_nope, k_rope, v) -> torch.Tensor:
+        """PyTorch's fused attention (flash on CPU, any backend on GPU); the statistic separately."""
         q = torch.cat((q_nope, q_rope), dim=-1)  # [B, H, T, N+R]
         k = torch.cat((k_nope, k_rope.expand(-1, self.num_heads, -1, -1)), dim=-1)
         if self.track_max_logits:
             self._record_max_logits(q, k)
         pad = q.shape[-1] - self.v_dim
-        if pad > 0 and x.device.type == "cpu":
+        if pad > 0 and q.device.type == "cpu":
             # PyTorch's fused CPU kernel needs equal q/k and v head sizes; padding v is cheaper
             # than the unfused fallback it would otherwise take.
-            out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True,
-                                                 scale=self.softmax_scale)[..., : self.v_dim]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_dim))
+            return F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), is_causal=True,
+                                                  scale=self.softmax_scale)[..., : self.v_dim]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
 
     @torch.no_grad()
     def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -106,10 +207,7 @@ class MLAttention(nn.Module):
         # Blocks of whole sequences, or of query rows of one sequence, bound the logit buffer.
         seqs = max(1, min(B, _MAX_LOGIT_BLOCK // (H * T * T)))
         rows = T if seqs > 1 else max(1, min(T, _MAX_LOGIT_BLOCK // (H * T)))
-        positions = torch.arange(T, device=q.device)
-        # -inf above the diagonal, added inside the matmul (baddbmm) rather than in a second pass.
-        future = torch.zeros(T, T, device=q.device, dtype=q.dtype).masked_fill_(
-            positions[None, :] > positions[:, None], float("-inf"))
+        future = _causal_bias(T, q.dtype, q.device)
         head_max = torch.full((H,), float("-inf"), device=q.device)
         for b in range(0, B, seqs):
             n = min(seqs, B - b)

@@ -29,6 +29,8 @@ hidden, q/C the q/kv LoRA ranks, H heads of N+R query/key and V value dims, K ro
 width I, norms computed in fp32:
   norm(w)      4w + a w            (fp32 normalised input for its backward, output the next matmul keeps)
   attention    a D + (4 + 2a) q + (4 + 2a) C + a H (2(N+R) + 3V) + 4 H
+               (CPU: v padded to N+R; short CPU sequences keep a H (2N + R + 3V) + a R plus
+               a H P/T of probabilities instead, P = kept_probabilities(T), about 5/8 T^2)
   SwiGLU(W)    a D + 4 a W         (input, gate, up, silu, product)
   routed       4 D + 4 E + a K (2 (D + 1) + 5 I) + 24 K   (router in fp32, the dispatched
                rows and their copy after the exchange, SwiGLU per pair, int64 indices)
@@ -44,6 +46,7 @@ from typing import Any
 
 from openk2.config import ModelConfig
 from openk2.model import build_model, decoder_layer_prefix
+from openk2.model.attention import kept_probabilities, uses_explicit_attention
 from openk2.optim.build import classify_parameters
 from openk2.optim.muon import NS_BATCH_ELEMENTS, dtype_from_name
 from openk2.train.distributed import ParallelConfig
@@ -94,7 +97,7 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
     micro = min(train["micro_batch_size"], train["batch_size"] // gpus)  # per rank
     tokens = micro * train["seq_len"]
     per_token = activation_bytes_per_token(config, parallel.activation_checkpointing, act,
-                                           cpu_attention=not gpu)
+                                           cpu_attention=None if gpu else (micro, train["seq_len"]))
     largest_unit = max(units.values()) if units else 0
     memory = {
         "parameters": 4 * shard["parameters"],
@@ -142,14 +145,21 @@ def _unit_of(name: str) -> str:
 
 
 def activation_bytes_per_token(c: ModelConfig, mode: str, act: int,
-                               cpu_attention: bool = False) -> dict[str, float]:
+                               cpu_attention: tuple[int, int] | None = None) -> dict[str, float]:
     """Bytes per token (module docstring): saved by the decoder layers; live during one layer's
-    recomputation ("full"); saved by the final norm and LM head; saved by the fused loss."""
+    recomputation ("full"); saved by the final norm and LM head; saved by the fused loss.
+    cpu_attention: (sequences, seq_len) of a micro-batch on the CPU, whose attention path
+    depends on them (model/attention.py); None on GPUs."""
     D, q, C, R = c.hidden_size, c.q_lora_rank or 0, c.kv_lora_rank, c.qk_rope_head_dim
     H, N, V = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
-    Vs = N + R if cpu_attention else V  # the CPU kernel pads v to the query/key head size
     a = act
-    attention_tensors = a * H * (2 * (N + R) + 2 * Vs + V) + 4 * H  # q, k, v, output, o_proj input, lse
+    if cpu_attention is not None and uses_explicit_attention("cpu", cpu_attention[0], H, cpu_attention[1]):
+        T = cpu_attention[1]
+        # q/k nope, q rope, v, output, o_proj input; the shared rotary key; the probabilities
+        attention_tensors = a * H * (2 * N + R + 3 * V) + a * R + a * H * kept_probabilities(T) / T
+    else:
+        Vs = N + R if cpu_attention else V  # the CPU kernel pads v to the query/key head size
+        attention_tensors = a * H * (2 * (N + R) + 2 * Vs + V) + 4 * H  # q, k, v, output, o_proj input, lse
     norm = 4 + a  # per element of a normed vector
 
     def swiglu(width: int) -> float:
