@@ -124,7 +124,39 @@ def test_newton_schulz_is_nearly_orthogonal():
     O = zeropower_via_newtonschulz(X.clone())
     singular = torch.linalg.svdvals(O)
     assert singular.min() > 0.5 and singular.max() < 1.3  # the quintic lands in about [0.7, 1.2]
-    assert newton_schulz_flops((4, 80, 32)) == 4 * 5 * (4 * 32 * 32 * 80 + 2 * 32**3)
+    m, n = 32, 80  # wide enough for the Gram form: 4 products of [m, m] x [m, n], 14 of [m, m]^2
+    assert newton_schulz_flops((4, n, m)) == 4 * (4 * 2 * m * m * n + 14 * 2 * m**3)
+    assert newton_schulz_flops((48, 48)) == 5 * (4 * 48**3 + 2 * 48**3)  # square: the plain form
+
+
+def _decaying_spectrum(N: int, m: int, n: int) -> torch.Tensor:
+    """Matrices whose singular values fall from 1 to 1e-4, as gradients' do."""
+    U = torch.linalg.qr(torch.randn(N, m, m))[0]
+    V = torch.linalg.qr(torch.randn(N, n, m))[0]
+    return U @ torch.diag_embed(torch.logspace(0, -4, m).expand(N, m)) @ V.mT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_newton_schulz_matches_the_plain_iteration(monkeypatch, dtype):
+    """Wide matrices run Newton–Schulz on their Gram matrix; it must give the plain iteration's
+    result (float32: to rounding; bf16: no further from float64 than the plain form, and no
+    blow-up on a decaying spectrum, which an un-restarted Gram iteration shows)."""
+    import openk2.optim.muon as muon
+
+    torch.manual_seed(0)
+    for G in (torch.randn(6, 32, 96), _decaying_spectrum(6, 32, 96)):
+        assert muon._gram_is_cheaper(32, 96, 5)
+        gram = zeropower_via_newtonschulz(G.to(dtype, copy=True), scale=0.5).double()
+        with monkeypatch.context() as plain_only:
+            plain_only.setattr(muon, "_gram_is_cheaper", lambda *shape: False)
+            plain = zeropower_via_newtonschulz(G.to(dtype, copy=True), scale=0.5).double()
+            exact = zeropower_via_newtonschulz(G.double(), scale=0.5)
+        if dtype == torch.float32:
+            assert (gram - plain).abs().max() < 1e-5
+        else:
+            assert (gram - exact).norm() < 2 * (plain - exact).norm()
+        singular = torch.linalg.svdvals(gram / 0.5)
+        assert singular.max() < 1.3
 
 
 def test_rejects_vectors():

@@ -7,6 +7,9 @@
 
 Newton–Schulz: X_0 = U / ||U||_F, then X <- a X + (b A + c A^2) X with A = X X^T, on the
 wide orientation (a tall matrix is transposed, so A is the small [short, short] Gram matrix).
+For matrices at least about twice as wide as tall (most of K2's: experts, q_b, kv_a, kv_b),
+the same iteration runs on the Gram matrix itself (`_newton_schulz_gram`): 12% fewer FLOPs at
+2:1, 30% at K2's 7168:2048 experts.
 
 The one non-obvious choice: every matrix is a batch element. A stacked expert weight
 [E, out, in] is E independent matrices, and all matrices with the same (short, long) shape,
@@ -88,7 +91,7 @@ def zeropower_via_newtonschulz(
     if X.ndim != 3 or X.shape[-2] > X.shape[-1]:
         raise ValueError(f"expected a batch of wide matrices [N, m, n] with m <= n, got {tuple(X.shape)}")
     a, b, c = coefficients
-    N, m, _ = X.shape
+    N, m, n = X.shape
     A = _buffer(workspace, "A", (N, m, m), X.dtype, X.device)
     torch.bmm(X, X.mT, out=A)                                                   # U U^T
     norm = A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).float().sqrt_()  # ||U||_F   [N, 1]
@@ -96,6 +99,8 @@ def zeropower_via_newtonschulz(
     if steps == 0:
         return X.mul_((inv_norm * scale).to(X.dtype))
     A.mul_((inv_norm * inv_norm).to(A.dtype))                                   # X_0 X_0^T
+    if _gram_is_cheaper(m, n, steps):
+        return _newton_schulz_gram(X, A, inv_norm, steps, coefficients, workspace, scale)
     Y = _buffer(workspace, "Y", X.shape, X.dtype, X.device)
     B = _buffer(workspace, "B", (N, m, m), X.dtype, X.device)
     for step in range(steps):
@@ -112,10 +117,85 @@ def zeropower_via_newtonschulz(
     return X
 
 
+def _newton_schulz_gram(X: torch.Tensor, A: torch.Tensor, inv_norm: torch.Tensor, steps: int,
+                        coefficients: tuple[float, float, float], workspace: dict | None,
+                        scale: float) -> torch.Tensor:
+    """The same iteration on the small Gram matrix, for wide matrices (n >= 2m at 5 steps).
+
+    Each step's factor M = a I + b A + c A^2 is a polynomial in A, so with X' = M X the next
+    Gram matrix is A' = X' X'^T = M A M: the iteration can run on [m, m] matrices, keeping the
+    product P of the factors, and touch the [m, n] operand only to apply P. In low precision the
+    Gram matrix drifts from the X it stands for (bf16 on gradients with a decaying spectrum
+    blows up by the fifth step), so X is materialised once midway and A recomputed from it.
+    Products: 4 of [m, m] x [m, n] and 14 of [m, m] x [m, m] at 5 steps, against 10 and 5.
+    X holds U (not yet normalised), A holds X_0 X_0^T; X is overwritten.
+    """
+    a, b, c = coefficients
+    N, m, _ = X.shape
+    M = _buffer(workspace, "B", (N, m, m), X.dtype, X.device)
+    P = _buffer(workspace, "P", (N, m, m), X.dtype, X.device)
+    T = _buffer(workspace, "T", (N, m, m), X.dtype, X.device)
+    Y = _buffer(workspace, "Y", X.shape, X.dtype, X.device)
+    pending = inv_norm  # factor X still owes: 1/||U|| until X is first materialised
+    fresh = True        # P holds no factor yet
+    for step in range(steps):
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=M)   # M = b A + c A^2
+        M.diagonal(dim1=-2, dim2=-1).add_(a)             # + a I
+        if fresh:
+            P.copy_(M)
+        else:
+            torch.bmm(M, P, out=T)                       # P = M P
+            P, T = T, P
+        fresh = False
+        last = step == steps - 1
+        if last or step == _gram_restart(steps):
+            if pending is not None:
+                P.mul_(pending.to(P.dtype))
+            if last and scale != 1.0:
+                P.mul_(scale)
+            torch.bmm(P, X, out=Y)                       # X = P X                [N, m, n]
+            X, Y = Y, X
+            pending, fresh = None, True
+            if not last:
+                torch.bmm(X, X.mT, out=A)                # A recomputed from X
+        else:
+            torch.bmm(A, M, out=T)
+            torch.bmm(M, T, out=A)                       # A = M A M
+    return X
+
+
+def _gram_restart(steps: int) -> int:
+    """The step after which the Gram iteration materialises X and recomputes A."""
+    return steps // 2
+
+
+def _gram_is_cheaper(m: int, n: int, steps: int) -> bool:
+    return _gram_flops(m, n, steps) < steps * (4 * m * m * n + 2 * m**3)
+
+
+def _gram_flops(m: int, n: int, steps: int) -> int:
+    """FLOPs of `_newton_schulz_gram` on one [m, n] matrix (the same loop, counted)."""
+    flops, fresh = 2 * m * m * n, True  # the first Gram matrix
+    for step in range(steps):
+        flops += 2 * m**3 + (0 if fresh else 2 * m**3)  # A^2; P = M P
+        fresh = False
+        if step == steps - 1:
+            flops += 2 * m * m * n
+        elif step == _gram_restart(steps):
+            flops += 4 * m * m * n
+            fresh = True
+        else:
+            flops += 4 * m**3
+    return flops
+
+
 def newton_schulz_flops(shape: Sequence[int], steps: int = 5) -> int:
-    """Multiply-add FLOPs (2 per MAC) of Newton–Schulz on one [..., rows, cols] tensor."""
+    """Multiply-add FLOPs (2 per MAC) of Newton–Schulz on one [..., rows, cols] tensor, by the
+    form `zeropower_via_newtonschulz` takes for its shape."""
     *batch, rows, cols = shape
     m, n = min(rows, cols), max(rows, cols)
+    if steps and _gram_is_cheaper(m, n, steps):
+        return math.prod(batch) * _gram_flops(m, n, steps)
     return math.prod(batch) * steps * (4 * m * m * n + 2 * m**3)
 
 
