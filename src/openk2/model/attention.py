@@ -96,6 +96,7 @@ class _ExplicitMLAttention(torch.autograd.Function):
         return out.view(B, H, T, V), head_max
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_max):
         qn, kn, kr, vf, out, *saved = ctx.saved_tensors
         (B, H, T), scale = ctx.shape, ctx.scale
