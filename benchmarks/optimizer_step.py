@@ -86,12 +86,11 @@ class Reference:
 
 
 def muon_shape_classes(model) -> dict[tuple[int, int], int]:
-    """(short, long) -> number of matrices, as MuonClip batches them."""
+    """(rows, cols) -> number of matrices, as MuonClip batches them (tall and wide apart)."""
     classes: dict[tuple[int, int], int] = {}
     for r in classify_parameters(model):
         if r.algorithm == "muon":
-            rows, cols = r.param.shape[-2:]
-            key = (min(rows, cols), max(rows, cols))
+            key = tuple(r.param.shape[-2:])
             classes[key] = classes.get(key, 0) + (r.param.shape[0] if r.param.ndim == 3 else 1)
     return classes
 
@@ -101,7 +100,7 @@ def bench_preset(name: str, repeats: int, ceilings: dict[str, float]) -> list[li
     square matmul seen in this preset's rounds."""
     g = torch.Generator().manual_seed(2)
     classes = muon_shape_classes(make_model(name))
-    ns_flops = sum(newton_schulz_flops((count, short, long)) for (short, long), count in classes.items())
+    ns_flops = sum(newton_schulz_flops((count, rows, cols)) for (rows, cols), count in classes.items())
 
     contenders = {f"mm {dtype}": matmul(getattr(torch, dtype)) for dtype in ("float32", "bfloat16")}
     model = make_model(name)
@@ -120,7 +119,7 @@ def bench_preset(name: str, repeats: int, ceilings: dict[str, float]) -> list[li
 
         contenders[f"muonclip {ns_dtype}"] = step
         dtype = getattr(torch, ns_dtype)
-        inputs = [torch.randn(count, short, long, dtype=dtype) for (short, long), count in classes.items()]
+        inputs = [torch.randn(count, rows, cols, dtype=dtype) for (rows, cols), count in classes.items()]
         buffers = [torch.empty_like(x) for x in inputs]
         ns_inputs[ns_dtype] = inputs
 

@@ -162,3 +162,18 @@ def test_gram_newton_schulz_matches_the_plain_iteration(monkeypatch, dtype):
 def test_rejects_vectors():
     with pytest.raises(ValueError, match="AdamW"):
         Muon([torch.nn.Parameter(torch.zeros(5))])
+
+
+@pytest.mark.parametrize("shape", [(5, 32, 96), (5, 48, 48), (5, 40, 56)], ids=["gram", "square", "plain"])
+def test_tall_batch_equals_the_transposed_wide_one(shape):
+    """A tall batch is orthogonalised as it lies (transposed products), not copied to wide."""
+    import openk2.optim.muon as muon
+
+    torch.manual_seed(0)
+    wide = torch.randn(shape)
+    assert muon._gram_is_cheaper(*shape[1:], 5) == (shape[2] >= 2 * shape[1])
+    tall = wide.mT.contiguous()
+    expected = zeropower_via_newtonschulz(wide.clone(), scale=0.3)
+    result = zeropower_via_newtonschulz(tall, scale=0.3)
+    assert result.shape == tall.shape and result.is_contiguous()
+    torch.testing.assert_close(result, expected.mT, rtol=0, atol=1e-5)

@@ -5,17 +5,17 @@
     O_t = NewtonSchulz(U_t)                        5 steps, (a, b, c) = (3.4445, -4.7750, 2.0315)
     W_t = W_{t-1} * (1 - lr * wd) - lr * 0.2 * sqrt(max(n, m)) * O_t
 
-Newton–Schulz: X_0 = U / ||U||_F, then X <- a X + (b A + c A^2) X with A = X X^T, on the
-wide orientation (a tall matrix is transposed, so A is the small [short, short] Gram matrix).
-For matrices at least about twice as wide as tall (most of K2's: experts, q_b, kv_a, kv_b),
-the same iteration runs on the Gram matrix itself (`_newton_schulz_gram`): 12% fewer FLOPs at
-2:1, 30% at K2's 7168:2048 experts.
+Newton–Schulz: X_0 = U / ||U||_F, then X <- a X + (b A + c A^2) X with A = X X^T, written
+for the wide orientation (for a tall matrix the products are the transposed ones, so A is
+always the small [short, short] Gram matrix). For matrices at least about twice as wide as
+tall (most of K2's: experts, q_b, kv_a, kv_b), the same iteration runs on the Gram matrix
+itself (`_newton_schulz_gram`): 12% fewer FLOPs at 2:1, 30% at K2's 7168:2048 experts.
 
 The one non-obvious choice: every matrix is a batch element. A stacked expert weight
-[E, out, in] is E independent matrices, and all matrices with the same (short, long) shape,
-tall or wide, stacked or not, go through Newton–Schulz together as one [N, short, long]
-batch: three bmm calls per iteration for the whole model's shape class instead of three
-matmuls per matrix. Gate and up projections are separate parameters, hence separate matrices.
+[E, out, in] is E independent matrices, and all matrices of the same shape, stacked or not,
+go through Newton–Schulz together as one [N, rows, cols] batch: three bmm calls per iteration
+for the whole model's shape class instead of three matmuls per matrix. Gate and up
+projections are separate parameters, hence separate matrices.
 
 Distributed (K2_SPEC §2: Newton–Schulz must see whole matrices; orthogonalising a shard is wrong):
 - a stacked [E, out, in] DTensor split along E (FSDP2 or expert parallelism) holds whole
@@ -75,8 +75,13 @@ def zeropower_via_newtonschulz(
     workspace: dict | None = None,
     scale: float = 1.0,
 ) -> torch.Tensor:
-    """Approximate U V^T of each matrix of X [N, m, n] with m <= n (K2_SPEC §2, Newton–Schulz),
-    times `scale` (folded into the last small [m, m] factor, so it costs no pass over X).
+    """Approximate U V^T of each matrix of X [N, rows, cols] (K2_SPEC §2, Newton–Schulz), times
+    `scale` (folded into the last small [m, m] factor, so it costs no pass over X).
+
+    The iteration is written for the wide orientation, m = min(rows, cols): A = X X^T is
+    [m, m] and every step left-multiplies X by an [m, m] factor. A tall batch is worked on as
+    it lies: its products are the transposed ones (A = X^T X, X F^T), which matmuls take as
+    flags, so no pass over X transposes anything.
 
     X (a buffer the caller owns) is overwritten, and the result is returned in a buffer of
     the same shape and dtype. Every pass over the large [N, m, n] operand is a matmul:
@@ -88,38 +93,56 @@ def zeropower_via_newtonschulz(
     Two ping-pong buffers and the Gram buffers are reused across iterations, and across steps
     through `workspace` on CPU.
     """
-    if X.ndim != 3 or X.shape[-2] > X.shape[-1]:
-        raise ValueError(f"expected a batch of wide matrices [N, m, n] with m <= n, got {tuple(X.shape)}")
+    if X.ndim != 3:
+        raise ValueError(f"expected a batch of matrices [N, rows, cols], got {tuple(X.shape)}")
     a, b, c = coefficients
-    N, m, n = X.shape
+    N, rows, cols = X.shape
+    m, n = min(rows, cols), max(rows, cols)
+    gram, apply = (_tall_gram, _tall_apply) if rows > cols else (_wide_gram, _wide_apply)
     A = _buffer(workspace, "A", (N, m, m), X.dtype, X.device)
-    torch.bmm(X, X.mT, out=A)                                                   # U U^T
+    gram(X, A)                                                                  # U U^T
     norm = A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True).float().sqrt_()  # ||U||_F   [N, 1]
     inv_norm = norm.clamp_min_(eps).reciprocal_().unsqueeze(-1)                 # [N, 1, 1]
     if steps == 0:
         return X.mul_((inv_norm * scale).to(X.dtype))
     A.mul_((inv_norm * inv_norm).to(A.dtype))                                   # X_0 X_0^T
     if _gram_is_cheaper(m, n, steps):
-        return _newton_schulz_gram(X, A, inv_norm, steps, coefficients, workspace, scale)
+        return _newton_schulz_gram(X, A, inv_norm, steps, coefficients, workspace, scale, gram, apply)
     Y = _buffer(workspace, "Y", X.shape, X.dtype, X.device)
     B = _buffer(workspace, "B", (N, m, m), X.dtype, X.device)
     for step in range(steps):
         if step > 0:
-            torch.bmm(X, X.mT, out=A)                    # A = X X^T              [N, m, m]
+            gram(X, A)                                   # A = X X^T              [N, m, m]
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)   # B = b A + c A^2
         B.diagonal(dim1=-2, dim2=-1).add_(a)             # B + a I: a X folded into the product
         if step == 0:
             B.mul_(inv_norm.to(B.dtype))                 # X is still U = ||U|| X_0
         if step == steps - 1 and scale != 1.0:
             B.mul_(scale)
-        torch.bmm(B, X, out=Y)                           # Y = a X + (b A + c A^2) X   [N, m, n]
+        apply(B, X, Y)                                   # Y = a X + (b A + c A^2) X   [N, m, n]
         X, Y = Y, X
     return X
 
 
+def _wide_gram(X: torch.Tensor, out: torch.Tensor) -> None:
+    torch.bmm(X, X.mT, out=out)
+
+
+def _tall_gram(X: torch.Tensor, out: torch.Tensor) -> None:
+    torch.bmm(X.mT, X, out=out)
+
+
+def _wide_apply(F: torch.Tensor, X: torch.Tensor, out: torch.Tensor) -> None:
+    torch.bmm(F, X, out=out)   # F X
+
+
+def _tall_apply(F: torch.Tensor, X: torch.Tensor, out: torch.Tensor) -> None:
+    torch.bmm(X, F.mT, out=out)  # (F X^T)^T
+
+
 def _newton_schulz_gram(X: torch.Tensor, A: torch.Tensor, inv_norm: torch.Tensor, steps: int,
                         coefficients: tuple[float, float, float], workspace: dict | None,
-                        scale: float) -> torch.Tensor:
+                        scale: float, gram, apply) -> torch.Tensor:
     """The same iteration on the small Gram matrix, for wide matrices (n >= 2m at 5 steps).
 
     Each step's factor M = a I + b A + c A^2 is a polynomial in A, so with X' = M X the next
@@ -128,13 +151,13 @@ def _newton_schulz_gram(X: torch.Tensor, A: torch.Tensor, inv_norm: torch.Tensor
     Gram matrix drifts from the X it stands for (bf16 on gradients with a decaying spectrum
     blows up by the fifth step), so X is materialised once midway and A recomputed from it.
     Products: 4 of [m, m] x [m, n] and 14 of [m, m] x [m, m] at 5 steps, against 10 and 5.
-    X holds U (not yet normalised), A holds X_0 X_0^T; X is overwritten.
+    X holds U (not yet normalised), A holds X_0 X_0^T; X is overwritten. `gram` and `apply`
+    are the orientation's products (see zeropower_via_newtonschulz).
     """
     a, b, c = coefficients
-    N, m, _ = X.shape
-    M = _buffer(workspace, "B", (N, m, m), X.dtype, X.device)
-    P = _buffer(workspace, "P", (N, m, m), X.dtype, X.device)
-    T = _buffer(workspace, "T", (N, m, m), X.dtype, X.device)
+    N, m = A.shape[:2]
+    # Three [m, m] buffers rotate between the step's factor M, the product P and a temporary.
+    M, P, T = (_buffer(workspace, name, (N, m, m), X.dtype, X.device) for name in ("B", "P", "T"))
     Y = _buffer(workspace, "Y", X.shape, X.dtype, X.device)
     pending = inv_norm  # factor X still owes: 1/||U|| until X is first materialised
     fresh = True        # P holds no factor yet
@@ -142,10 +165,12 @@ def _newton_schulz_gram(X: torch.Tensor, A: torch.Tensor, inv_norm: torch.Tensor
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=M)   # M = b A + c A^2
         M.diagonal(dim1=-2, dim2=-1).add_(a)             # + a I
         if fresh:
-            P.copy_(M)
+            P, M = M, P                                  # P = M (M's buffer, no copy)
+            factor = P
         else:
             torch.bmm(M, P, out=T)                       # P = M P
             P, T = T, P
+            factor = M
         fresh = False
         last = step == steps - 1
         if last or step == _gram_restart(steps):
@@ -153,14 +178,14 @@ def _newton_schulz_gram(X: torch.Tensor, A: torch.Tensor, inv_norm: torch.Tensor
                 P.mul_(pending.to(P.dtype))
             if last and scale != 1.0:
                 P.mul_(scale)
-            torch.bmm(P, X, out=Y)                       # X = P X                [N, m, n]
+            apply(P, X, Y)                               # X = P X                [N, m, n]
             X, Y = Y, X
             pending, fresh = None, True
             if not last:
-                torch.bmm(X, X.mT, out=A)                # A recomputed from X
+                gram(X, A)                               # A recomputed from X
         else:
-            torch.bmm(A, M, out=T)
-            torch.bmm(M, T, out=A)                       # A = M A M
+            torch.bmm(A, factor, out=T)
+            torch.bmm(factor, T, out=A)                  # A = M A M
     return X
 
 
@@ -298,31 +323,31 @@ def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batc
     per batch, [(key, e0, e1, update)] with `update` in the tensor's shape and dtype, a view of
     a buffer that the next batch reuses: consume it before asking for the next.
     """
-    # Shape classes: (short, long, device, dtype) -> [(key, matrices, tall, ndim)]
+    # Shape classes: (rows, cols, device, dtype) -> [(key, matrices, ndim, whole)]. Tall and
+    # wide matrices of one size are separate classes: each batch keeps its tensors' own
+    # orientation, so filling it and reading the update back are contiguous passes (a
+    # transposed copy or lerp is 7-13x slower on CPU) and Newton-Schulz transposes by flags.
     classes: dict[tuple[int, int, torch.device, torch.dtype], list[tuple]] = {}
     for key, shape, device, dtype, whole in specs:
-        rows, cols = shape[-2:]
         count = shape[0] if len(shape) == 3 else 1
-        classes.setdefault((min(rows, cols), max(rows, cols), device, dtype), []).append(
-            (key, count, rows > cols, len(shape), whole))
-    for (short, long, device, param_dtype), members in classes.items():
-        capacity = max(1, max_batch_elements // (short * long))  # matrices per Newton–Schulz batch
-        ndims = {key: ndim for key, _, _, ndim, _ in members}
-        for chunk in _chunks([(k, c, t) for k, c, t, _, _ in members], capacity,
-                             {k: w for k, _, _, _, w in members}):
-            N = sum(e1 - e0 for _, e0, e1, _ in chunk)
-            X = _buffer(workspace, "X", (N, short, long), ns_dtype, device)  # [N, short, long]
+        classes.setdefault((*shape[-2:], device, dtype), []).append((key, count, len(shape), whole))
+    for (rows, cols, device, param_dtype), members in classes.items():
+        capacity = max(1, max_batch_elements // (rows * cols))  # matrices per Newton–Schulz batch
+        ndims = {key: ndim for key, _, ndim, _ in members}
+        for chunk in _chunks([(k, c) for k, c, _, _ in members], capacity, {k: w for k, _, _, w in members}):
+            N = sum(e1 - e0 for _, e0, e1 in chunk)
+            X = _buffer(workspace, "X", (N, rows, cols), ns_dtype, device)
             start = 0
-            for key, e0, e1, tall in chunk:
-                fill(key, e0, e1, _slot(X, start, e1 - e0, tall, ndims[key]))  # in the tensor's orientation
+            for key, e0, e1 in chunk:
+                fill(key, e0, e1, _slot(X, start, e1 - e0, ndims[key]))
                 start += e1 - e0
             O = zeropower_via_newtonschulz(X, steps, coefficients, eps, workspace,
-                                           scale=1.0 if scale is None else scale(long))
+                                           scale=1.0 if scale is None else scale(max(rows, cols)))
             if O.dtype != param_dtype:  # one cast per batch (a mixed-dtype add_ is ~7x slower on CPU)
                 O = _buffer(workspace, "cast", O.shape, param_dtype, device).copy_(O)
             out, start = [], 0
-            for key, e0, e1, tall in chunk:
-                out.append((key, e0, e1, _slot(O, start, e1 - e0, tall, ndims[key])))
+            for key, e0, e1 in chunk:
+                out.append((key, e0, e1, _slot(O, start, e1 - e0, ndims[key])))
                 start += e1 - e0
             yield out
 
@@ -340,19 +365,19 @@ def _buffer(workspace: dict | None, name: str, shape, dtype: torch.dtype,
     return kept[: shape[0]]
 
 
-def _chunks(members: list[tuple[int, int, bool]], capacity: int, whole: dict[int, bool]):
+def _chunks(members: list[tuple[int, int]], capacity: int, whole: dict[int, bool]):
     """Split a shape class into Newton–Schulz batches of at most `capacity` matrices; yields
-    lists of (key, first matrix, end matrix, tall). A stacked tensor may span batches; a
-    DTensor is gathered whole, so it is never split."""
+    lists of (key, first matrix, end matrix). A stacked tensor may span batches; a DTensor is
+    gathered whole, so it is never split."""
     chunk, size = [], 0
-    for i, count, tall in members:
+    for i, count in members:
         e0 = 0
         while e0 < count:
             if size >= capacity:
                 yield chunk
                 chunk, size = [], 0
             e1 = count if whole[i] else min(count, e0 + capacity - size)
-            chunk.append((i, e0, e1, tall))
+            chunk.append((i, e0, e1))
             size += e1 - e0
             e0 = e1
     if chunk:
@@ -364,10 +389,9 @@ def _rows(t: torch.Tensor, e0: int, e1: int) -> torch.Tensor:
     return t[e0:e1] if t.ndim == 3 else t
 
 
-def _slot(batch: torch.Tensor, start: int, count: int, tall: bool, ndim: int) -> torch.Tensor:
-    """The view of batch [N, short, long] that holds one parameter, in the parameter's shape."""
+def _slot(batch: torch.Tensor, start: int, count: int, ndim: int) -> torch.Tensor:
+    """The view of batch [N, rows, cols] that holds one parameter, in the parameter's shape."""
     view = batch[start : start + count]
-    view = view.mT if tall else view
     return view if ndim == 3 else view[0]
 
 
