@@ -16,5 +16,6 @@ def causal_logits(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     k_rope = apply_rotary(k_rope[:, None], cos[:, None], sin[:, None], interleave)
     kv = attn.kv_b_proj(latent).view(B, T, attn.num_heads, attn.nope_dim + attn.v_dim).transpose(1, 2)
     k_nope = kv[..., : attn.nope_dim]
-    logits = (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)).float() * attn.softmax_scale
+    logits = q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope.transpose(-1, -2)
+    logits = logits.float() * attn.softmax_scale
     return logits.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))

@@ -81,7 +81,8 @@ class _ExplicitMLAttention(torch.autograd.Function):
         for start, end in _row_blocks(T):
             rows = H * (end - start)
             qr = q_rope[:, :, start:end].reshape(B, rows, R)
-            logits = torch.baddbmm(bias[start:end, :end], qn[:, start:end], kn[:, :end].transpose(1, 2), alpha=scale)
+            logits = torch.baddbmm(bias[start:end, :end], qn[:, start:end], kn[:, :end].transpose(1, 2),
+                                   alpha=scale)
             logits.view(B, rows, end).baddbmm_(qr, kr[:, :end].transpose(1, 2), alpha=scale)
             maxima.append(logits.view(B, H, -1).amax(dim=(0, 2)))
             p = torch.softmax(logits, dim=-1)
@@ -117,7 +118,8 @@ class _ExplicitMLAttention(torch.autograd.Function):
             per_batch = grad_logits.view(B, rows, end)
             grad_qr.append(torch.bmm(per_batch, kr[:, :end]).view(B, H, end - start, -1))
             grad_kr[:, :end] += torch.bmm(per_batch.transpose(1, 2), qr)
-        return (torch.cat(grad_qn, dim=1).mul_(scale).view(B, H, T, -1), torch.cat(grad_qr, dim=2).mul_(scale),
+        return (torch.cat(grad_qn, dim=1).mul_(scale).view(B, H, T, -1),
+                torch.cat(grad_qr, dim=2).mul_(scale),
                 grad_kn.mul_(scale).view(B, H, T, -1), grad_kr.mul_(scale).view(B, 1, T, -1),
                 grad_v.view(B, H, T, -1), None)
 
