@@ -9,7 +9,13 @@
   experts); and the [8,192 x 256] LM head against 8 rows in three MKL orientations and
   through oneDNN's pre-packed linear (the engine's);
 - float32 GEMMs of the training step, MKL (torch.mm) against oneDNN's linear on the plain
-  weight: a 1,024^3 product and the tiny LM-head loss's three products for one 512-row chunk.
+  weight: a 1,024^3 product and the tiny LM-head loss's three products for one 512-row chunk;
+- one tiny layer's attention core, forward + backward with the max-logit statistic (8 x 4 heads
+  x 256 tokens): the explicit CPU path against the fused kernel (v padded, statistic in its own
+  pass, q/k concatenated);
+- Newton-Schulz numerics (not a timing): relative error against a float64 plain iteration of
+  the plain form, the Gram form, and the Gram form without its midway restart, on Gaussian
+  matrices and on matrices whose singular values fall from 1 to 1e-4, float32 and bfloat16.
 
     python benchmarks/kernels.py [--rounds 15]
 """
@@ -22,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from common import best_of, cpu_name
 
+import openk2.optim.muon as muon
+from openk2 import preset
+from openk2.model import attention
 from openk2.model import linear as onednn
 from openk2.model.norm import RMSNorm
 
@@ -122,6 +131,62 @@ def gemm_contenders() -> dict:
     }
 
 
+def attention_contenders() -> dict:
+    config = preset("tiny")
+    attn = attention.MLAttention(config, layer_idx=0)
+    B, T, H = 8, 256, config.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    shapes = {"q_nope": (B, H, T, attn.nope_dim), "q_rope": (B, H, T, attn.rope_dim),
+              "k_nope": (B, H, T, attn.nope_dim), "k_rope": (B, 1, T, attn.rope_dim), "v": (B, H, T, attn.v_dim)}
+    inputs = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    grad = torch.randn(B, H, T, attn.v_dim, generator=g)
+
+    def step(explicit: bool):
+        def run() -> None:
+            leaves = {name: t.clone().requires_grad_() for name, t in inputs.items()}
+            if explicit:
+                out, _ = attention._ExplicitMLAttention.apply(*leaves.values(), attn.softmax_scale)
+            else:
+                out = attn._fused_attention(*leaves.values())
+            out.backward(grad)
+        return run
+
+    return {"attention core: explicit (CPU path)": step(True),
+            "attention core: fused kernel + statistic": step(False)}
+
+
+def newton_schulz_errors() -> list[str]:
+    """Rows of relative errors against a float64 plain iteration (see the module docstring)."""
+    g = torch.Generator().manual_seed(0)
+
+    def decaying(n: int, m: int, k: int) -> torch.Tensor:
+        u = torch.linalg.qr(torch.randn(n, m, m, generator=g))[0]
+        v = torch.linalg.qr(torch.randn(n, k, m, generator=g))[0]
+        return u @ torch.diag_embed(torch.logspace(0, -4, m).expand(n, m)) @ v.mT
+
+    def ns(x: torch.Tensor, gram: bool, restart: bool = True) -> torch.Tensor:
+        cheaper, midway = muon._gram_is_cheaper, muon._gram_restart
+        muon._gram_is_cheaper = cheaper if gram else (lambda *shape: False)
+        muon._gram_restart = midway if restart else (lambda steps: steps)
+        try:
+            return muon.zeropower_via_newtonschulz(x.clone()).double()
+        finally:
+            muon._gram_is_cheaper, muon._gram_restart = cheaper, midway
+
+    rows = []
+    for kind, (m, k) in (("gaussian", (256, 512)), ("decaying", (256, 512)), ("decaying", (128, 1024))):
+        x = torch.randn(8, m, k, generator=g) if kind == "gaussian" else decaying(8, m, k)
+        exact = ns(x.double(), gram=False)
+        for dtype in (torch.float32, torch.bfloat16):
+            cells = []
+            for label, out in (("plain", ns(x.to(dtype), gram=False)), ("gram", ns(x.to(dtype), gram=True)),
+                               ("gram, no restart", ns(x.to(dtype), gram=True, restart=False))):
+                error = float((out - exact).norm() / exact.norm())
+                cells.append(f"{label} {error:.1e} (sigma_max {float(torch.linalg.svdvals(out).max()):.2f})")
+            rows.append(f"newton-schulz {kind} {m}x{k} {str(dtype)[6:]:<9}" + ", ".join(cells))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
@@ -134,8 +199,10 @@ def main() -> None:
     train = best_of(repeated(rms_norm_contenders()), args.rounds, warmup=3)
     with torch.no_grad():
         gemm = best_of(repeated(gemm_contenders()), args.rounds)
-    for name, seconds in {**train, **decode, **gemm}.items():
+    core = best_of(repeated(attention_contenders()), max(3, args.rounds // 3))
+    for name, seconds in {**train, **decode, **gemm, **core}.items():
         print(f"{name:<44}{seconds / CALLS * 1e6:>10,.1f} us per call")
+    print("\n".join(newton_schulz_errors()))
 
 
 if __name__ == "__main__":
