@@ -7,6 +7,7 @@ from other processes then hits every contender alike, and the minimum is the lea
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import subprocess
 import time
@@ -72,3 +73,14 @@ def matmul(dtype: torch.dtype = torch.float32) -> Callable[[], torch.Tensor]:
 
 def gflops_of_matmul(seconds: float) -> float:
     return 2 * CEILING_N**3 / seconds / 1e9
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """Set module.name to value for the duration of the block (an A/B contender's variant)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)

@@ -26,7 +26,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import best_of, cpu_name
+from common import best_of, cpu_name, patched
 
 import openk2.optim.muon as muon
 from openk2 import preset
@@ -165,13 +165,9 @@ def newton_schulz_errors() -> list[str]:
         return u @ torch.diag_embed(torch.logspace(0, -4, m).expand(n, m)) @ v.mT
 
     def ns(x: torch.Tensor, gram: bool, restart: bool = True) -> torch.Tensor:
-        cheaper, midway = muon._gram_is_cheaper, muon._gram_restart
-        muon._gram_is_cheaper = cheaper if gram else (lambda *shape: False)
-        muon._gram_restart = midway if restart else (lambda steps: steps)
-        try:
+        with (patched(muon, "_gram_is_cheaper", muon._gram_is_cheaper if gram else lambda *shape: False),
+              patched(muon, "_gram_restart", muon._gram_restart if restart else lambda steps: steps)):
             return muon.zeropower_via_newtonschulz(x.clone()).double()
-        finally:
-            muon._gram_is_cheaper, muon._gram_restart = cheaper, midway
 
     rows = []
     for kind, (m, k) in (("gaussian", (256, 512)), ("decaying", (256, 512)), ("decaying", (128, 1024))):

@@ -20,7 +20,6 @@ for short sequences.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import best_of, cpu_name, gflops_of_matmul, matmul, rounds, timed
+from common import best_of, cpu_name, gflops_of_matmul, matmul, patched, rounds, timed
 
 import openk2.model.attention as attention_module
 import openk2.train.loss as loss_module
@@ -132,17 +131,6 @@ def pick_transformers(folder: str, config):
                 best = (seconds, f"transformers ({experts_impl}, {attn_impl})", step)
             del hf, step
     return best[1], best[2]
-
-
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    """Set module.name to value for the duration of the block."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def openk2_loss_mkl_logits(model, ids: torch.Tensor) -> torch.Tensor:
