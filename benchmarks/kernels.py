@@ -137,7 +137,8 @@ def attention_contenders() -> dict:
     B, T, H = 8, 256, config.num_attention_heads
     g = torch.Generator().manual_seed(0)
     shapes = {"q_nope": (B, H, T, attn.nope_dim), "q_rope": (B, H, T, attn.rope_dim),
-              "k_nope": (B, H, T, attn.nope_dim), "k_rope": (B, 1, T, attn.rope_dim), "v": (B, H, T, attn.v_dim)}
+              "k_nope": (B, H, T, attn.nope_dim), "k_rope": (B, 1, T, attn.rope_dim),
+              "v": (B, H, T, attn.v_dim)}
     inputs = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
     grad = torch.randn(B, H, T, attn.v_dim, generator=g)
 

@@ -27,7 +27,8 @@ from openk2.model.rope import apply_rotary, rope_parameters
 
 _MAX_LOGIT_BLOCK = 1 << 24  # elements of one logit block in the max-logit statistic
 # Largest B * H * T * T for which CPU attention keeps its probabilities for the backward
-# (64 MiB in float32 per layer) instead of running the flash kernel (docs/LOG.md).
+# instead of running the flash kernel (docs/LOG.md): the square is 64 MiB in float32, of which
+# the row blocks keep about 5/8 per layer.
 _EXPLICIT_ATTENTION_ELEMENTS = 1 << 24
 
 
