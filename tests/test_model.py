@@ -74,16 +74,53 @@ def test_dispatch_runs_only_hit_experts(monkeypatch):
     with torch.no_grad():
         moe.gate.e_score_correction_bias[:] = torch.tensor([9.0, 9.0, 0, 0, 0, 0, 0, 0])
     calls = []
-    original = torch.Tensor.__matmul__
+    original = torch.mm
 
-    def counting(a, b):
+    def counting(a, b, **kwargs):
         calls.append(b.shape)
-        return original(a, b)
+        return original(a, b, **kwargs)
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
-    moe.experts(torch.randn(5, 64), *moe.gate(torch.randn(5, 64))[:2],
-                torch.tensor([5, 5, 0, 0, 0, 0, 0, 0]))
+    monkeypatch.setattr(torch, "mm", counting)
+    with torch.no_grad():
+        moe.experts(torch.randn(5, 64), *moe.gate(torch.randn(5, 64))[:2],
+                    torch.tensor([5, 5, 0, 0, 0, 0, 0, 0]))
     assert len(calls) == 2 * 3  # two experts hit, three matmuls each
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 5, 1, 0, 7], [0, 0, 0]], ids=["some_unused", "no_rows"])
+def test_expert_swiglu_matches_a_loop_over_experts(sizes):
+    """The grouped expert SwiGLU (one autograd node per layer) against the per-expert formula:
+    values and every gradient in float64, zero gradients for experts without rows."""
+    from openk2.model.moe import expert_swiglu
+
+    g = torch.Generator().manual_seed(0)
+    E, I, D, P = len(sizes), 6, 5, sum(sizes)
+    inputs = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+              for shape in ((P, D), (P, 1), (E, I, D), (E, I, D), (E, D, I))]
+    xs, scale, gate, up, down = inputs
+
+    def loop():
+        out, start = [xs.new_zeros(0, D)], 0
+        for e, n in enumerate(sizes):
+            x = xs[start:start + n]
+            h = torch.nn.functional.silu(x @ gate[e].T) * (x @ up[e].T)
+            out.append((h * scale[start:start + n]) @ down[e].T)
+            start += n
+        return torch.cat(out)
+
+    d_out = torch.randn(P, D, generator=g, dtype=torch.float64)
+    ours = expert_swiglu(*inputs, sizes)
+    ours_grads = torch.autograd.grad(ours, inputs, d_out, allow_unused=True)
+    ref = loop()
+    ref_grads = torch.autograd.grad(ref, inputs, d_out, allow_unused=True)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("xs", "scale", "gate", "up", "down"), ours_grads, ref_grads):
+        expected = torch.zeros_like(a) if b is None else b  # the loop leaves unused inputs out
+        torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-12, msg=name)
+    unused = [e for e, n in enumerate(sizes) if n == 0]
+    assert all(ours_grads[k][unused].eq(0).all() for k in (2, 3, 4))
+    if P:
+        assert torch.autograd.gradcheck(lambda *t: expert_swiglu(*t, sizes), inputs)
 
 
 def test_bias_only_affects_selection():
@@ -287,6 +324,30 @@ def test_onednn_linear_matches_torch_and_declines_what_it_cannot_take(monkeypatc
         torch.testing.assert_close(onednn.linear(x, weight), x @ w.T, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert not onednn.supports(x, w) and onednn.pack(w) is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_module_matches_f_linear(bias):
+    """openk2's Linear (oneDNN forward and input gradient on CPU) against F.linear: value and
+    gradients, for a 3-D and a non-contiguous input; it is F.linear under CPU autocast."""
+    from openk2.model import linear as onednn
+
+    torch.manual_seed(0)
+    layer = onednn.Linear(24, 40, bias=bias)
+    for x in (torch.randn(3, 5, 24), torch.randn(5, 3, 24).transpose(0, 1)):
+        x = x.requires_grad_()
+        out = layer(x)
+        grads = torch.autograd.grad(out, (x, *layer.parameters()), torch.ones_like(out) * 0.3)
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        ref_grads = torch.autograd.grad(ref, (x, *layer.parameters()), torch.ones_like(ref) * 0.3)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if onednn.AVAILABLE:
+        assert onednn.accepts(x, layer.weight) and out.grad_fn.name().startswith("_Linear")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn.accepts(x, layer.weight)
+        assert layer(x).dtype == torch.bfloat16
 
 
 def test_importing_the_onednn_probe_leaves_the_random_generator_alone():

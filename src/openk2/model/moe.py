@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
+from openk2.model.linear import Linear
 
 
 class MLP(nn.Module):
@@ -28,9 +29,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -87,18 +88,101 @@ class Experts(nn.Module):
         token = order // K
         xs = x.index_select(0, token)  # [N*K, D]
         gate_weight = weights.flatten()[order, None].to(x.dtype)
-        sizes = counts.tolist()
-        # unbind once: indexing the stacked weights per expert would make the backward build a
-        # full-size zero gradient for every expert (O(E^2) memory traffic); unbind's is one stack.
-        gates, ups, downs = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = []
-        for e, (chunk, g) in enumerate(zip(xs.split(sizes), gate_weight.split(sizes))):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.silu(chunk @ gates[e].T) * (chunk @ ups[e].T)
-            outputs.append((h * g) @ downs[e].T)
-        y = torch.cat(outputs) if outputs else xs.new_zeros(0, x.shape[1])
+        y = expert_swiglu(xs, gate_weight, self.gate_proj, self.up_proj, self.down_proj, counts.tolist())
         return y.new_zeros(x.shape).index_add_(0, token, y)
+
+
+def expert_swiglu(xs: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                  down: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Rows sorted by expert through their experts' SwiGLU, each scaled by its gate weight.
+
+    xs [P, D] holds sizes[e] rows for expert e, in expert order; scale [P, 1]; gate, up
+    [E, I, D], down [E, D, I] (cast to xs's dtype by the caller). Row r of expert e gives
+    ((silu(x_r G_e^T) * (x_r U_e^T)) * s_r) D_e^T  -> [P, D].
+
+    One autograd node for the whole layer: the matmuls run per expert that received rows, into
+    row blocks of shared buffers, and the element-wise work runs once over all P rows. It keeps
+    xs and the two [P, I] pre-activations for the backward (the activation and the scaled
+    product are recomputed there); unused experts get zero gradients.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xs, scale, gate, up, down)):
+        return _ExpertSwiGLU.apply(xs, scale, gate, up, down, sizes)
+    return _swiglu_forward(xs, scale, gate, up, down, _spans(sizes))[0]
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of every expert that received rows."""
+    spans, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            spans.append((e, start, start + n))
+        start += n
+    return spans
+
+
+def _swiglu_forward(xs, scale, gate, up, down, spans):
+    P, I = xs.shape[0], gate.shape[1]
+    pre_gate, pre_up = xs.new_empty(P, I), xs.new_empty(P, I)
+    for e, s, t in spans:
+        torch.mm(xs[s:t], gate[e].T, out=pre_gate[s:t])
+        torch.mm(xs[s:t], up[e].T, out=pre_up[s:t])
+    h = F.silu(pre_gate).mul_(pre_up).mul_(scale)
+    ys = xs.new_empty(P, down.shape[1])
+    for e, s, t in spans:
+        torch.mm(h[s:t], down[e].T, out=ys[s:t])
+    return ys, pre_gate, pre_up
+
+
+class _ExpertSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xs, scale, gate, up, down, sizes):
+        ctx.spans = _spans(sizes)
+        ys, pre_gate, pre_up = _swiglu_forward(xs, scale, gate, up, down, ctx.spans)
+        ctx.save_for_backward(xs, scale, gate, up, down, pre_gate, pre_up)
+        return ys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_ys):
+        xs, scale, gate, up, down, pre_gate, pre_up = ctx.saved_tensors
+        need_x, need_scale, need_gate, need_up, need_down = ctx.needs_input_grad[:5]
+        d_ys = d_ys.contiguous()
+        act = F.silu(pre_gate)
+        h = act * pre_up                                     # before the gate weight
+        d_h = torch.empty_like(h)                            # d loss / d (h * scale)
+        d_down = _weight_grad(down, need_down, ctx.spans)
+        scaled = h * scale if need_down else None
+        for e, s, t in ctx.spans:
+            torch.mm(d_ys[s:t], down[e], out=d_h[s:t])
+            if need_down:
+                torch.mm(d_ys[s:t].T, scaled[s:t], out=d_down[e])
+        d_scale = torch.linalg.vecdot(d_h, h).unsqueeze_(1) if need_scale else None
+        d_h.mul_(scale)                                      # d loss / d h
+        d_pre_gate = torch.ops.aten.silu_backward(pre_up * d_h, pre_gate)
+        d_up = act.mul_(d_h)                                 # d loss / d pre_up, in act's buffer
+        d_xs = torch.empty_like(xs) if need_x else None
+        d_gate = _weight_grad(gate, need_gate, ctx.spans)
+        d_upw = _weight_grad(up, need_up, ctx.spans)
+        for e, s, t in ctx.spans:
+            if need_x:
+                torch.mm(d_pre_gate[s:t], gate[e], out=d_xs[s:t])
+                d_xs[s:t].addmm_(d_up[s:t], up[e])
+            if need_gate:
+                torch.mm(d_pre_gate[s:t].T, xs[s:t], out=d_gate[e])
+            if need_up:
+                torch.mm(d_up[s:t].T, xs[s:t], out=d_upw[e])
+        return d_xs, d_scale, d_gate, d_upw, d_down, None
+
+
+def _weight_grad(weight: torch.Tensor, needed: bool, spans) -> torch.Tensor | None:
+    """An [E, ...] gradient buffer: the experts with rows are written by the caller, the others
+    are zero."""
+    if not needed:
+        return None
+    grad = torch.empty_like(weight)
+    for e in sorted(set(range(weight.shape[0])) - {e for e, _, _ in spans}):
+        grad[e].zero_()
+    return grad
 
 
 class MoE(nn.Module):

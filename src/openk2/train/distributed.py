@@ -47,11 +47,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ConfigError
 from openk2.model import MLP, Experts, MoE, build_model
+from openk2.model.moe import expert_swiglu
 from openk2.model.hf import CheckpointReader, check_tensor_shapes
 from openk2.model.init import NormalInit
 from openk2.model.norm import RMSNorm
@@ -251,21 +251,11 @@ class ExpertParallel(Experts):
         by_expert = _source_to_expert_order(recv)
         rows = received.index_select(0, by_expert)
         xs, gate_weight = rows[:, :D], rows[:, D:]
-        # Separate gate and up matmuls: views of the weights are kept for the backward pass, where
-        # a concatenated [L, 2I, D] copy would hold a second copy of the layer's experts.
         gate_w, up_w, down_w = (w.to(x.dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        sizes = recv.sum(0).tolist()
-        outputs = []
-        for e, (chunk, g) in enumerate(zip(xs.split(sizes), gate_weight.split(sizes))):
-            if chunk.shape[0] == 0:
-                continue
-            outputs.append((F.silu(chunk @ gate_w[e].T) * (chunk @ up_w[e].T) * g) @ down_w[e].T)
-        if outputs:
-            y = torch.cat(outputs)
-        else:  # no token for any local expert. Still depend on the received rows, so that this
-            # rank joins the backward all-to-all, and on the weights, which get zero gradients
-            # as Experts gives unused experts.
-            y = xs * 0 + 0 * (gate_w.sum() + up_w.sum() + down_w.sum())
+        # Every local expert's rows in one autograd node; with no rows at all it still links the
+        # received rows and the weights (zero gradients) into the graph, so that this rank joins
+        # the backward all-to-all.
+        y = expert_swiglu(xs, gate_weight, gate_w, up_w, down_w, recv.sum(0).tolist())
         y = y.index_select(0, by_expert.argsort())  # back to (source, expert) order
         returned = all_to_all(y, send_splits, recv_splits, self.group)  # [N*K, D], sorted by expert
         return torch.zeros_like(x).index_add_(0, token, returned)

@@ -167,7 +167,8 @@ def activation_bytes_per_token(c: ModelConfig, mode: str, act: int,
 
     shared = c.moe_intermediate_size * c.n_shared_experts
     K = c.num_experts_per_tok
-    routed = 4 * D + 4 * c.n_routed_experts + a * K * (2 * (D + 1) + 5 * c.moe_intermediate_size) + 24 * K
+    # per (token, expert) pair: the gathered row, its gate weight, the two SwiGLU pre-activations
+    routed = 4 * D + 4 * c.n_routed_experts + a * K * (D + 1 + 2 * c.moe_intermediate_size) + 24 * K
     attention = a * D + (norm + a) * q + (norm + a) * C + attention_tensors
     per_layer = []
     for i in range(c.num_hidden_layers):
