@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from openk2.model.linear import accepts as onednn_accepts
 from openk2.model.linear import linear
 from openk2.model.linear import supports as onednn_supports
 
@@ -44,9 +43,8 @@ def recomputes(rows: int, hidden_size: int) -> bool:
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
     """float32 logits of one chunk, which rows count, their clamped targets and target logits.
     (Called outside autograd only: in the autograd functions below, or without grad.)"""
-    # oneDNN's GEMM is ~1.3x MKL's at this shape on CPU (docs/LOG.md); of the gradient
-    # products, the head's weight gradient stays on torch.mm (oneDNN is slower on transposed
-    # activations).
+    # oneDNN's GEMM is ~1.3x MKL's at this shape on CPU (docs/LOG.md); the gradient products
+    # stay on torch.mm: oneDNN was no faster for them inside the loss (docs/LOG.md).
     logits = (linear(h, weight) if onednn_supports(h, weight) else h @ weight.T).float()  # [n, V]
     valid = t != IGNORE
     safe = t.clamp(min=0)
@@ -65,9 +63,7 @@ def _head_grads(d_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, g
                 grad_weight: torch.Tensor, rows: slice) -> None:
     """Chunk gradient of the logits -> rows of the hidden-state gradient, summed into the head's."""
     d_logits = d_logits.to(h.dtype) if h.dtype != torch.float32 else d_logits
-    weight = weight.to(d_logits.dtype)
-    # oneDNN against the transposed weight (a view) is ~10% faster than MKL here (docs/LOG.md)
-    grad_hidden[rows] = linear(d_logits, weight.t()) if onednn_accepts(d_logits, weight) else d_logits @ weight
+    grad_hidden[rows] = d_logits @ weight.to(d_logits.dtype)
     if rows.start == 0:  # the first chunk writes the head gradient, the others add to it
         torch.mm(d_logits.T.float(), h.float(), out=grad_weight)
     else:
