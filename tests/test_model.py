@@ -326,30 +326,6 @@ def test_onednn_linear_matches_torch_and_declines_what_it_cannot_take(monkeypatc
     assert not onednn.supports(x, w) and onednn.pack(w) is None
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_module_matches_f_linear(bias):
-    """openk2's Linear (oneDNN forward and input gradient on CPU) against F.linear: value and
-    gradients, for a 3-D and a non-contiguous input; it is F.linear under CPU autocast."""
-    from openk2.model import linear as onednn
-
-    torch.manual_seed(0)
-    layer = onednn.Linear(24, 40, bias=bias)
-    for x in (torch.randn(3, 5, 24), torch.randn(5, 3, 24).transpose(0, 1)):
-        x = x.requires_grad_()
-        out = layer(x)
-        grads = torch.autograd.grad(out, (x, *layer.parameters()), torch.ones_like(out) * 0.3)
-        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        ref_grads = torch.autograd.grad(ref, (x, *layer.parameters()), torch.ones_like(ref) * 0.3)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    if onednn.AVAILABLE:
-        assert onednn.accepts(x, layer.weight) and out.grad_fn.name().startswith("_Linear")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not onednn.accepts(x, layer.weight)
-        assert layer(x).dtype == torch.bfloat16
-
-
 def test_importing_the_onednn_probe_leaves_the_random_generator_alone():
     code = ("import torch; torch.manual_seed(0); a = torch.rand(3); torch.manual_seed(0); "
             "import openk2.model.linear; import openk2.infer.cache; assert torch.equal(torch.rand(3), a)")

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import Linear
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import apply_rotary, rope_parameters
 
@@ -137,15 +136,15 @@ class MLAttention(nn.Module):
         self.kv_lora_rank = c.kv_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         if c.q_lora_rank is None:
-            self.q_proj = Linear(c.hidden_size, self.num_heads * qk_dim, bias=False)
+            self.q_proj = nn.Linear(c.hidden_size, self.num_heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank)
-            self.q_b_proj = Linear(c.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
-        self.kv_b_proj = Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         _, _, softmax_mscale = rope_parameters(c)
         self.softmax_scale = qk_dim**-0.5 * softmax_mscale
         self.track_max_logits = True

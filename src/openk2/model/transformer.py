@@ -16,7 +16,6 @@ from torch import nn
 from openk2.config import ModelConfig
 from openk2.model.attention import MLAttention
 from openk2.model.init import NormalInit
-from openk2.model.linear import Linear
 from openk2.model.moe import MLP, Experts, MoE, Router
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import RotaryEmbedding
@@ -62,7 +61,7 @@ class K2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = K2Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]."""
