@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openk2 import CheckpointError, build_model, load_model, preset, save_model
-from openk2.model.moe import Experts
+from openk2.model.moe import Experts, expert_swiglu
 
 from attention_reference import causal_logits
 
@@ -91,8 +91,6 @@ def test_dispatch_runs_only_hit_experts(monkeypatch):
 def test_expert_swiglu_matches_a_loop_over_experts(sizes):
     """The grouped expert SwiGLU (one autograd node per layer) against the per-expert formula:
     values and every gradient in float64, zero gradients for experts without rows."""
-    from openk2.model.moe import expert_swiglu
-
     g = torch.Generator().manual_seed(0)
     E, I, D, P = len(sizes), 6, 5, sum(sizes)
     inputs = [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)

@@ -102,7 +102,9 @@ def expert_swiglu(xs: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor, up:
     One autograd node for the whole layer: the matmuls run per expert that received rows, into
     row blocks of shared buffers, and the element-wise work runs once over all P rows. It keeps
     xs and the two [P, I] pre-activations for the backward (the activation and the scaled
-    product are recomputed there); unused experts get zero gradients.
+    product are recomputed there); unused experts get zero gradients. Gate and up stay separate
+    products on views of the weights: a concatenated [E, 2I, D] copy would hold a second copy of
+    the layer's experts until the backward.
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xs, scale, gate, up, down)):
         return _ExpertSwiGLU.apply(xs, scale, gate, up, down, sizes)

@@ -43,8 +43,8 @@ def recomputes(rows: int, hidden_size: int) -> bool:
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
     """float32 logits of one chunk, which rows count, their clamped targets and target logits.
     (Called outside autograd only: in the autograd functions below, or without grad.)"""
-    # oneDNN's GEMM is ~1.3x MKL's at this shape on CPU (docs/LOG.md); the gradient products
-    # stay on torch.mm: oneDNN was no faster for them inside the loss (docs/LOG.md).
+    # oneDNN's GEMM is ~1.4x MKL's at this shape on CPU (docs/LOG.md); the gradient
+    # products stay on torch.mm, where oneDNN was no faster inside the loss (docs/LOG.md).
     logits = (linear(h, weight) if onednn_supports(h, weight) else h @ weight.T).float()  # [n, V]
     valid = t != IGNORE
     safe = t.clamp(min=0)
