@@ -14,7 +14,7 @@ instead of oneDNN (docs/LOG.md) as a further contender in the same rounds, and `
 openk2 with PyTorch's fused (flash) attention kernel instead of its explicit CPU attention
 for short sequences.
 
-    python benchmarks/train_step.py [--presets tiny small] [--steps 5] [--mkl-logits] [--flash-attention]
+    python benchmarks/train_step.py [--presets tiny small] [--steps 10] [--mkl-logits] [--flash-attention]
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10,
+                        help="alternating steps per side; the best and the median are reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--mkl-logits", action="store_true",
                         help="also time openk2 with the loss's logits on MKL instead of oneDNN")

@@ -28,3 +28,32 @@ def test_matches_cross_entropy_and_its_gradients(rows, vocab, recompute, onednn,
     torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_several_chunks_with_a_short_last_one(recompute, monkeypatch):
+    """300 rows in chunks of 128 (128 + 128 + 44): the head gradient is written by the first
+    chunk and summed over the others, the hidden-state gradient filled chunk by chunk."""
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab, device_type: 128)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 16, generator=g, requires_grad=True)
+    weight = torch.randn(96, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 96, (300,), generator=g)
+    targets[250:] = IGNORE  # the last chunk mostly ignored
+    ours = linear_cross_entropy(hidden, weight, targets, recompute=recompute)
+    ours.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_rows():
+    """CPU: 512 rows up to 64 MiB of float32 logits; accelerators: ~16 MiB; never under 128."""
+    assert loss_module.chunk_rows(8192, "cpu") == loss_module.chunk_rows(32768, "cpu") == 512
+    assert loss_module.chunk_rows(163840, "cpu") == 128
+    assert loss_module.chunk_rows(4096, "cuda") == 1024
+    assert loss_module.chunk_rows(32768, "cuda") == loss_module.chunk_rows(163840, "cuda") == 128

@@ -113,7 +113,7 @@ def zeropower_via_newtonschulz(
     for step in range(steps):
         if step > 0:
             gram(X, A)                                   # A = X X^T              [N, m, m]
-        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)   # B = b A + c A^2
+        _quadratic(A, b, c, out=B)                       # B = b A + c A^2
         B.diagonal(dim1=-2, dim2=-1).add_(a)             # B + a I: a X folded into the product
         if step == 0:
             B.mul_(inv_norm.to(B.dtype))                 # X is still U = ||U|| X_0
@@ -122,6 +122,17 @@ def zeropower_via_newtonschulz(
         apply(B, X, Y)                                   # Y = a X + (b A + c A^2) X   [N, m, n]
         X, Y = Y, X
     return X
+
+
+def _quadratic(A: torch.Tensor, b: float, c: float, out: torch.Tensor) -> None:
+    """out = b A + c A^2. In bfloat16 on the CPU, baddbmm with beta != 0 first copies A into its
+    output and accumulates onto it, slower than the product alone plus one add (2-7% of
+    Newton-Schulz on the small preset); in float32 the fused form is as fast or faster."""
+    if A.dtype == torch.bfloat16 and A.device.type == "cpu":
+        torch.baddbmm(A, A, A, beta=0, alpha=c, out=out)
+        out.add_(A, alpha=b)
+    else:
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=out)
 
 
 def _wide_gram(X: torch.Tensor, out: torch.Tensor) -> None:
@@ -162,7 +173,7 @@ def _newton_schulz_gram(X: torch.Tensor, A: torch.Tensor, inv_norm: torch.Tensor
     pending = inv_norm  # factor X still owes: 1/||U|| until X is first materialised
     fresh = True        # P holds no factor yet
     for step in range(steps):
-        torch.baddbmm(A, A, A, beta=b, alpha=c, out=M)   # M = b A + c A^2
+        _quadratic(A, b, c, out=M)                       # M = b A + c A^2
         M.diagonal(dim1=-2, dim2=-1).add_(a)             # + a I
         if fresh:
             P, M = M, P                                  # P = M (M's buffer, no copy)

@@ -29,8 +29,13 @@ from openk2.model.linear import supports as onednn_supports
 IGNORE = -100
 
 
-def chunk_rows(vocab: int) -> int:
-    """Rows per chunk: about 16 MiB of float32 logits (big enough for efficient matmuls)."""
+def chunk_rows(vocab: int, device_type: str) -> int:
+    """Rows per chunk. On accelerators about 16 MiB of float32 logits (at least 128 rows). On the
+    CPU 512 rows, up to 64 MiB of logits (at least 128 rows): its GEMMs need that many rows to run
+    near peak (the small preset's loss, forward + backward: 1.49 s at 128 rows, 1.36 s at 384-1,024;
+    docs/LOG.md), while its element-wise passes gain nothing from smaller chunks."""
+    if device_type == "cpu":
+        return max(128, min(512, (1 << 24) // max(vocab, 1)))
     return max(128, (1 << 22) // max(vocab, 1))
 
 
@@ -79,7 +84,7 @@ def _head_gradient_buffer(hidden: torch.Tensor, weight: torch.Tensor) -> torch.T
 class _GradientsInForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        rows = chunk_rows(weight.shape[0])
+        rows = chunk_rows(weight.shape[0], weight.device.type)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = _head_gradient_buffer(hidden, weight)
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -112,7 +117,7 @@ class _GradientsRecomputed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
-        rows = chunk_rows(weight.shape[0])
+        rows = chunk_rows(weight.shape[0], weight.device.type)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = _head_gradient_buffer(hidden, weight)
         for start in range(0, hidden.shape[0], rows):
@@ -127,7 +132,7 @@ class _GradientsRecomputed(torch.autograd.Function):
 def _summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                  lse: torch.Tensor | None = None) -> torch.Tensor:
     """The loss alone, chunk by chunk; fills `lse` with each row's log-sum-exp when given."""
-    rows = chunk_rows(weight.shape[0])
+    rows = chunk_rows(weight.shape[0], weight.device.type)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
         chunk = slice(start, start + rows)

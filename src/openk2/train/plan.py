@@ -107,7 +107,7 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
         "muon_workspace": 8 * owned_dense // gpus
                           + 2 * ns_bytes * min(max(largest_class, 1), NS_BATCH_ELEMENTS),
         "activations": (per_token["layers"] + per_token["recompute"] + per_token["head"]) * tokens,
-        "loss": loss_bytes(config, tokens, act),
+        "loss": loss_bytes(config, tokens, act, "cuda" if gpu else "cpu"),
     }
     memory["total"] = sum(memory.values())
     return {
@@ -125,11 +125,11 @@ def plan_memory(recipe: dict[str, Any], gpus: int) -> dict[str, Any]:
     }
 
 
-def loss_bytes(c: ModelConfig, tokens: int, act: int) -> int:
+def loss_bytes(c: ModelConfig, tokens: int, act: int, device_type: str) -> int:
     """Memory of the LM head's loss for one micro-batch (module docstring); the same with and
     without FSDP (train/distributed.py runs the fused loss inside the head's FSDP unit)."""
     V, D = c.vocab_size, c.hidden_size
-    chunk = chunk_rows(V) * V * (8 + act)
+    chunk = min(tokens, chunk_rows(V, device_type)) * V * (8 + act)
     if recomputes(tokens, D):
         return chunk + 4 * tokens
     return chunk + act * D * tokens + (4 + act) * V * D
