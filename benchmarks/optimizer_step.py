@@ -179,7 +179,8 @@ def main() -> None:
         print(line(r))
     print(f"# matmul ceiling ({CEILING_N}^2 mm, best round): float32 {ceilings['float32']:,.0f} GFLOP/s, "
           f"bfloat16 {ceilings['bfloat16']:,.0f} GFLOP/s")
-    print("# goals: muonclip step >= 2x faster than the reference; Newton–Schulz >= 60% of the matmul ceiling")
+    print("# goals: muonclip step >= 2x faster than the reference; "
+          "Newton–Schulz >= 60% of the matmul ceiling")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def decode_run(name: str):
     return lambda: generate(DECODE_TOKENS), lambda: decode_step_seconds(generate, DECODE_TOKENS)
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise")
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+           "mkldnn::_linear_pointwise")
 
 
 def compare(name: str, rows: int) -> None:
@@ -89,7 +90,8 @@ def compare(name: str, rows: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", nargs="+", default=["train", "decode"],
                         choices=["train", "decode", "compare"])
     parser.add_argument("--preset", default="tiny")

@@ -71,7 +71,8 @@ def generate_rate() -> Callable[[], float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     print(f"# threads  torch {torch.__version__}  {cpu_name()}  {torch.get_num_threads()} threads")
@@ -82,7 +83,8 @@ def main() -> None:
         print(f"{name:<48}{min(main_s) * 1e6:>11,.1f} us{min(other_s) * 1e6:>11,.1f} us")
     run = generate_rate()
     main_r, other_r = zip(*[(run(), in_thread(run)) for _ in range(args.rounds)])
-    print(f"{'Engine.generate, tiny, 32 x 64 tokens':<48}{max(main_r):>8,.0f} tok/s{max(other_r):>8,.0f} tok/s")
+    print(f"{'Engine.generate, tiny, 32 x 64 tokens':<48}{max(main_r):>8,.0f} tok/s"
+          f"{max(other_r):>8,.0f} tok/s")
 
 
 if __name__ == "__main__":

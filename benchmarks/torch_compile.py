@@ -64,14 +64,16 @@ def decode_contenders() -> dict:
         tokens[name] = [c.token_ids for c in generate(TOKENS)]
         print(f"{name}: first generate {time.perf_counter() - start:.1f} s")
         contenders[name] = lambda generate=generate: decode_step_seconds(generate, TOKENS)
-    print(f"decode: compiled tokens equal eager tokens: {tokens['decode eager'] == tokens['decode compiled']}; "
+    print("decode: compiled tokens equal eager tokens: "
+          f"{tokens['decode eager'] == tokens['decode compiled']}; "
           f"{counters['stats']['unique_graphs']} graphs; graph breaks: "
           f"{ {reason.splitlines()[0]: n for reason, n in counters['graph_break'].items()} }")
     return contenders
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--what", nargs="+", default=["train", "decode"], choices=["train", "decode"])
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()

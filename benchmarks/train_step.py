@@ -126,7 +126,8 @@ def pick_transformers(folder: str, config):
                 continue
             step = step_fn(hf, transformers_loss)
             seconds = timed(step)
-            print(f"  transformers experts={experts_impl} attention={attn_impl}: {seconds * 1e3:,.0f} ms/step")
+            print(f"  transformers experts={experts_impl} attention={attn_impl}: "
+                  f"{seconds * 1e3:,.0f} ms/step")
             if best is None or seconds < best[0]:
                 best = (seconds, f"transformers ({experts_impl}, {attn_impl})", step)
             del hf, step
@@ -166,7 +167,8 @@ def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False
     tokens = BATCH * SEQ
     print(f"\n{name}: {param_counts(config)['total'] / 1e6:.1f}M parameters, "
           f"{flops / 1e9:.1f} GFLOP/step, batch {BATCH} x {SEQ}, {steps} alternating steps each")
-    print(f"{'implementation':<36}{'ms/step':>9}{'(median)':>10}{'tokens/s':>10}{'GFLOP/s':>9}{'% ceiling':>11}")
+    print(f"{'implementation':<36}{'ms/step':>9}{'(median)':>10}{'tokens/s':>10}"
+          f"{'GFLOP/s':>9}{'% ceiling':>11}")
     for row in rows:
         gflops = flops / row["seconds"] / 1e9
         print(f"{row['impl']:<36}{row['seconds'] * 1e3:>9,.0f}{row['median'] * 1e3:>10,.0f}"
@@ -179,7 +181,8 @@ def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=10,
                         help="alternating steps per side; the best and the median are reported")

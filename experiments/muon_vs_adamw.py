@@ -31,7 +31,8 @@ LRS = [1e-3, 3e-3, 1e-2]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/muon_vs_adamw"))
     parser.add_argument("--recipe", default="recipes/speedrun.toml")
     parser.add_argument("--steps", type=int, default=300)
@@ -47,7 +48,8 @@ def main() -> None:
     for name, lrs in (("muonclip", args.muon_lrs), ("adamw", args.adamw_lrs)):
         results[name] = {}
         for lr in lrs:
-            records = run(args.out / f"{name}_lr{lr:g}", args.recipe, base + [f"optim.name={name}", f"optim.lr={lr}"])
+            records = run(args.out / f"{name}_lr{lr:g}", args.recipe,
+                          base + [f"optim.name={name}", f"optim.lr={lr}"])
             results[name][lr] = val_curve(records)
             print(f"{name} lr={lr:g}: final val {results[name][lr][-1][1]:.4f}", flush=True)
     best = {name: min(curves, key=lambda lr: curves[lr][-1][1]) for name, curves in results.items()}

@@ -40,7 +40,8 @@ from openk2.eval.report import smooth  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/qk_clip"))
     parser.add_argument("--recipe", default="recipes/speedrun.toml")
     parser.add_argument("--tau", type=float, default=15.0)

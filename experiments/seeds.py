@@ -20,7 +20,8 @@ from openk2.eval.report import training_summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/seeds"))
     parser.add_argument("--recipe", default="recipes/speedrun.toml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -33,14 +34,16 @@ def main() -> None:
         summary["unigram_val_loss"] = json.loads((folder / "summary.json").read_text())["unigram_val_loss"]
         rows[seed] = summary
     steps = [step for step, _ in rows[args.seeds[0]]["val_losses"]]
-    print("| seed | " + " | ".join(f"val @ {s}" for s in steps) + " | largest smoothed rise | max logit | unigram |")
+    print("| seed | " + " | ".join(f"val @ {s}" for s in steps)
+          + " | largest smoothed rise | max logit | unigram |")
     print("|---" * (len(steps) + 4) + "|")
     for seed, s in rows.items():
         vals = " | ".join(f"{v:.3f}" for _, v in s["val_losses"])
         print(f"| {seed} | {vals} | {s['largest_smoothed_rise']:.3f} | {s['max_logit']:.1f} | "
               f"{s['unigram_val_loss']:.3f} |")
     finals = [s["final_val_loss"] for s in rows.values()]
-    print(f"final validation loss: mean {sum(finals) / len(finals):.3f}, spread {max(finals) - min(finals):.3f}")
+    print(f"final validation loss: mean {sum(finals) / len(finals):.3f}, "
+          f"spread {max(finals) - min(finals):.3f}")
     dump(args.out / "seeds.json", {str(k): v for k, v in rows.items()})
 
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from openk2 import ConfigError, ModelConfig, param_counts, preset
 from openk2.config import KIMI_K2_CONFIG, PRESETS, routed_scaling_factor_for

@@ -283,7 +283,8 @@ def _parts_worker(rank: int, world: int, init_file: str) -> None:
                 dist.all_reduce(whole)
                 mine = whole[rank * 4 : rank * 4 + 4]  # zeros on rank 1 in the second routing
                 torch.testing.assert_close(getattr(parallel, name).grad, mine, rtol=0, atol=1e-5)
-        assert parallel.global_view(parallel.down_proj, "down_proj").full_tensor().shape == full.down_proj.shape
+        assert (parallel.global_view(parallel.down_proj, "down_proj").full_tensor().shape
+                == full.down_proj.shape)
 
         # Distributed Muon: row-sharded (uneven, tall, wide, HSDP) and expert-sharded tensors
         # against plain Muon; each rank orthogonalises only its share of the 2-D matrices.
@@ -424,7 +425,8 @@ def test_two_processes_start_from_a_checkpoint_as_one(runs):
     out = {}
     for name, extra, procs in (("one", [], 1), ("two", ["parallel.dp_shard=2", "parallel.ep=2"], 2)):
         out[name] = runs["root"] / f"init_from_{name}"
-        _pretrain(out[name], runs["corpus"], runs["tokenizer"], f"model.init_from={folder}", *extra, procs=procs)
+        _pretrain(out[name], runs["corpus"], runs["tokenizer"], f"model.init_from={folder}", *extra,
+                  procs=procs)
     _compare(out["two"], out["one"])
     first = read_metrics(out["one"] / "metrics.jsonl")[0]["loss"]
     assert first < read_metrics(runs["single"] / "metrics.jsonl")[0]["loss"]  # it did start from the weights

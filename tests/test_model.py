@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from openk2 import CheckpointError, build_model, load_model, preset, save_model
-from openk2.model.moe import Experts, expert_swiglu
+from openk2.model.moe import expert_swiglu
 
 from attention_reference import causal_logits
 
@@ -289,7 +289,8 @@ def test_reader_reads_row_ranges(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     name = "model.layers.0.self_attn.o_proj.weight"  # [64, 32]: 16 x 4 scale blocks
     scale = torch.rand(16, 4, generator=torch.Generator().manual_seed(0)) + 0.5
-    tensors[name] = (tensors[name] / scale.repeat_interleave(4, 0).repeat_interleave(8, 1)).to(torch.float8_e4m3fn)
+    tensors[name] = (tensors[name]
+                     / scale.repeat_interleave(4, 0).repeat_interleave(8, 1)).to(torch.float8_e4m3fn)
     tensors[name.replace("weight", "weight_scale_inv")] = scale
     save_file(tensors, tmp_path / "model.safetensors")
 

@@ -21,6 +21,7 @@ def test_summary_plots_and_report(tmp_path):
     assert set(paths) == {"loss", "max_logit"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths.values())
     report = Report(tmp_path, title="run")
-    report.add("Pre-training", table([("final validation loss", 5.6)]) + "\n\n" + report.image(paths["loss"], "loss"))
+    report.add("Pre-training",
+               table([("final validation loss", 5.6)]) + "\n\n" + report.image(paths["loss"], "loss"))
     text = report.write().read_text()
     assert "| final validation loss | 5.6 |" in text and "![loss](pretrain_loss.png)" in text

@@ -7,7 +7,6 @@ import threading
 
 import openai
 import pytest
-import torch
 
 from openk2 import build_model, preset, save_model
 from openk2.data.chat import encode_chat, parse_assistant
@@ -506,7 +505,8 @@ def test_openk2_serve_steps_the_engine_in_its_main_thread_and_shuts_down_cleanly
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "openk2", "serve", str(checkpoint), "--port", str(port), "--model-name", "m"]
+    command = [sys.executable, "-m", "openk2", "serve", str(checkpoint), "--port", str(port),
+               "--model-name", "m"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}", proc)

@@ -37,7 +37,8 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-def run_pretrain(out: Path, corpus: Path, *extra: str, wait: bool = True, command: str = "pretrain") -> subprocess.Popen:
+def run_pretrain(out: Path, corpus: Path, *extra: str, wait: bool = True,
+                 command: str = "pretrain") -> subprocess.Popen:
     args = [sys.executable, "-m", "openk2", command, "--out", str(out), "--set", f"data.source={corpus}"]
     for item in SMALL + list(extra):
         args += [item] if item.startswith("--") else ["--set", item]
@@ -232,7 +233,8 @@ def test_speedrun_default_folder_moves_past_finished_runs(tmp_path, monkeypatch)
     from openk2.cli import app
 
     folders = []
-    monkeypatch.setattr(openk2.pipeline, "speedrun", lambda recipe, out, resume, log: folders.append(out) or out)
+    monkeypatch.setattr(openk2.pipeline, "speedrun",
+                        lambda recipe, out, resume, log: folders.append(out) or out)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "speedrun" / "pretrain" / "final").mkdir(parents=True)
     runner = CliRunner()

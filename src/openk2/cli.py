@@ -102,7 +102,8 @@ def init(
 
 
 RecipeOption = Annotated[Optional[Path], typer.Option("--recipe", help="a TOML recipe (see recipes/)")]
-SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: section.key=value")]
+SetOption = Annotated[Optional[list[str]],
+                      typer.Option("--set", help="override a recipe key: section.key=value")]
 OutOption = Annotated[Path, typer.Option("--out", help="run folder")]
 
 
@@ -135,7 +136,8 @@ def tokenizer_train(
     if (out / "tokenizer.json").exists():  # it may be a model's: a new one would garble it
         _fail(f"{out} already holds a tokenizer.json; delete it first or give another --out")
     try:
-        texts = iter_texts(source[0] if source == ["default"] else source, seed=seed, skip_bad_lines=skip_bad_lines)
+        texts = iter_texts(source[0] if source == ["default"] else source, seed=seed,
+                           skip_bad_lines=skip_bad_lines)
         tokenizer = train_tokenizer(texts, vocab_size)
     except (DataError, ValueError) as e:
         _fail(str(e))
@@ -191,7 +193,8 @@ def plan(
 def export(
     checkpoint: Annotated[Path, typer.Option(help="a checkpoint folder, RUN/checkpoints/step_NNNNNNN")],
     out: Annotated[Path, typer.Option("--out", help="output HF model folder")],
-    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer folder (default: RUN/tokenizer)")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="tokenizer folder (default: RUN/tokenizer)")] = None,
 ) -> None:
     """Write an HF model folder from a training checkpoint (single-process or sharded)."""
     from openk2.train.checkpoint import export_checkpoint
@@ -207,8 +210,10 @@ def export(
 @app.command()
 def speedrun(
     out: Annotated[Optional[Path], typer.Option(
-        "--out", help="run folder (default: runs/speedrun, or runs/speedrun-N when that holds a run)")] = None,
-    recipe: Annotated[Path, typer.Option("--recipe", help="pre-training recipe")] = Path("recipes/speedrun.toml"),
+        "--out",
+        help="run folder (default: runs/speedrun, or runs/speedrun-N when that holds a run)")] = None,
+    recipe: Annotated[Path, typer.Option(
+        "--recipe", help="pre-training recipe")] = Path("recipes/speedrun.toml"),
     overrides: SetOption = None,
     resume: Annotated[bool, typer.Option(help="resume the stages of an interrupted run")] = False,
 ) -> None:
@@ -236,10 +241,13 @@ def serve(
     path: Annotated[Path, typer.Argument(help="checkpoint folder (HF model + tokenizer)")],
     host: Annotated[str, typer.Option(help="address to bind; loopback unless told otherwise")] = "127.0.0.1",
     port: int = 8000,
-    api_key: Annotated[Optional[str], typer.Option(help="require this Bearer key (default $OPENK2_API_KEY)")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="model id to report (default: folder name)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        help="require this Bearer key (default $OPENK2_API_KEY)")] = None,
+    model_name: Annotated[Optional[str], typer.Option(
+        help="model id to report (default: folder name)")] = None,
     max_batch: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
-    max_len: Annotated[Optional[int], typer.Option(help="context length (default min(4096, model max))")] = None,
+    max_len: Annotated[Optional[int], typer.Option(
+        help="context length (default min(4096, model max))")] = None,
 ) -> None:
     """Serve a checkpoint with an OpenAI-compatible API (chat, completions, tools, streaming)."""
     from openk2.infer.server import serve as run_server

@@ -118,7 +118,8 @@ class ModelConfig:
         need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
              f"first_k_dense_replace={self.first_k_dense_replace} must be in [0, num_hidden_layers="
              f"{self.num_hidden_layers}]")
-        need(not self.tie_word_embeddings, "tie_word_embeddings=true is not supported: K2 has an untied LM head")
+        need(not self.tie_word_embeddings,
+             "tie_word_embeddings=true is not supported: K2 has an untied LM head")
         need(self.num_hidden_layers > self.first_k_dense_replace or self.intermediate_size > 0,
              "intermediate_size must be positive when the model has dense layers")
         if self.first_k_dense_replace > 0:
@@ -135,7 +136,8 @@ class ModelConfig:
                  f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
             if self.n_group > 1:
                 need(E // self.n_group >= 2,
-                     f"n_group={self.n_group} leaves fewer than 2 experts per group (group scores sum the top 2)")
+                     f"n_group={self.n_group} leaves fewer than 2 experts per group "
+                     "(group scores sum the top 2)")
                 need(k <= self.topk_group * (E // self.n_group),
                      f"num_experts_per_tok={k} exceeds the experts in topk_group={self.topk_group} groups")
             need(self.scoring_func == "sigmoid",
@@ -489,7 +491,8 @@ def _fp8_scale_count(c: ModelConfig, block: list[int]) -> int:
     for i in range(c.num_hidden_layers):
         total += attn
         if c.is_moe_layer(i):
-            total += c.n_routed_experts * mlp(inter) + (mlp(inter * c.n_shared_experts) if c.n_shared_experts else 0)
+            total += c.n_routed_experts * mlp(inter) + (mlp(inter * c.n_shared_experts)
+                                                        if c.n_shared_experts else 0)
         else:
             total += mlp(c.intermediate_size)
     return total

@@ -20,16 +20,19 @@ from openk2.train.pretrain import pretrain
 SAMPLE_PROMPTS = ["ROMEO:", "KING HENRY:\nWhat news", "Question: What is 17 + 25?\nAnswer:", "To be, or not"]
 
 
-def samples(model_dir: Path, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: int = 60, seed: int = 0) -> list[str]:
+def samples(model_dir: Path, prompts: list[str] = SAMPLE_PROMPTS, max_tokens: int = 60,
+            seed: int = 0) -> list[str]:
     """Continuations of `prompts` by the model in `model_dir` (temperature 0.8)."""
     tokenizer = K2Tokenizer.load(model_dir)
     engine = Engine(load_model(model_dir), tokenizer)
     ids = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
-    outputs = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=seed))
+    outputs = engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.8,
+                                                  top_p=0.95, seed=seed))
     return [p + out.text for p, out in zip(prompts, outputs)]
 
 
-def speedrun(recipe: dict, run_dir: str | Path, resume: bool = False, log: Callable[[str], None] = print) -> Path:
+def speedrun(recipe: dict, run_dir: str | Path, resume: bool = False,
+             log: Callable[[str], None] = print) -> Path:
     run_dir = Path(run_dir)
     pre_dir = run_dir / "pretrain"
     log("stage 1-2: tokenizer and pre-training")

@@ -108,7 +108,8 @@ def validate(raw: dict[str, Any], where: str = "recipe") -> dict[str, dict[str, 
             default = recipe[section].get(key)
             if (section, key) in _ANY_OF:
                 if not isinstance(value, _ANY_OF[section, key]):
-                    raise ConfigError(f"{where}: {section}.{key}={value!r} should be a name or a list of paths")
+                    raise ConfigError(f"{where}: {section}.{key}={value!r} should be a name "
+                                      "or a list of paths")
             elif default is not None and not _same_kind(default, value):
                 raise ConfigError(
                     f"{where}: {section}.{key}={value!r} should be {type(default).__name__} "

@@ -112,7 +112,8 @@ class _Matrix:
         self.few_rows_packed = self.packed is not None and n >= _PACK_FEW_ROWS_MIN_ELEMENTS
         one_row_packed = self.packed is not None and n >= _PACK_ONE_ROW_MIN_ELEMENTS
         small = n <= _TRANSPOSE_MAX_ELEMENTS
-        self.wt = w.t().contiguous() if transpose and small and _TRANSPOSE_COPIES and not one_row_packed else None
+        self.wt = (w.t().contiguous()
+                   if transpose and small and _TRANSPOSE_COPIES and not one_row_packed else None)
         # From _PACK_FEW_ROWS_MIN_ELEMENTS on the packed copy serves every row count (one row
         # through the transposed copy where there is one), so the plain weight is not held.
         self.w = None if self.few_rows_packed else w
@@ -271,7 +272,8 @@ def _ffn_weights(mlp: MLP | MoE) -> _FFNWeights:
         out.gate_up = torch.cat((experts.gate_proj, experts.up_proj), dim=1).transpose(1, 2).contiguous()
         out.down = experts.down_proj.transpose(1, 2).contiguous()
     S, rest = (0, 0) if shared is None else divmod(shared.gate_proj.weight.shape[0], I)  # width S * I
-    if _DENSE_EXPERTS and _PACKED_LINEAR and on_cpu and not rest and 3 * (E + S) * I * D <= _DENSE_EXPERTS_MAX_ELEMENTS:
+    if (_DENSE_EXPERTS and _PACKED_LINEAR and on_cpu and not rest
+            and 3 * (E + S) * I * D <= _DENSE_EXPERTS_MAX_ELEMENTS):
         gates = [experts.gate_proj.reshape(E * I, D)]
         ups = [experts.up_proj.reshape(E * I, D)]
         downs = [experts.down_proj.permute(1, 0, 2).reshape(D, E * I)]

@@ -74,7 +74,8 @@ def _checked(value: int | float) -> int | float:
     """A value within bounds; inf or nan would not even be valid JSON."""
     if isinstance(value, float) and math.isnan(value):
         raise CalculatorError("the result is not a number")
-    if (isinstance(value, int) and abs(value) > _MAX_MAGNITUDE) or (isinstance(value, float) and math.isinf(value)):
+    if ((isinstance(value, int) and abs(value) > _MAX_MAGNITUDE)
+            or (isinstance(value, float) and math.isinf(value))):
         raise CalculatorError("the result is too large")
     return value
 
@@ -90,7 +91,8 @@ def _evaluate(node: ast.AST) -> int | float:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
             raise CalculatorError(f"the exponent is too large (at most {_MAX_EXPONENT:,} in size)")
-        if isinstance(node.op, ast.Pow) and abs(left) > 1 and right > 0 and right * math.log10(abs(left)) > 300:
+        if (isinstance(node.op, ast.Pow) and abs(left) > 1 and right > 0
+                and right * math.log10(abs(left)) > 300):
             raise CalculatorError("the result is too large")
         try:
             value = _BINARY[type(node.op)](left, right)
@@ -134,7 +136,8 @@ def run_tool(name: str, arguments: str) -> str:
     try:
         if name == "calculator":
             if "expression" not in args:
-                return json.dumps({"error": 'missing "expression": the arithmetic to evaluate, e.g. "2 * (3 + 4)"'})
+                return json.dumps({"error": 'missing "expression": the arithmetic to evaluate, '
+                                            'e.g. "2 * (3 + 4)"'})
             return json.dumps({"result": calculate(args["expression"])})
         if name == "clock":
             return json.dumps({"now": clock(args.get("timezone"))})

@@ -141,7 +141,8 @@ class MLAttention(nn.Module):
             self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank)
             self.q_b_proj = nn.Linear(c.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim, bias=c.attention_bias)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + self.rope_dim,
+                                            bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
@@ -220,7 +221,8 @@ class MLAttention(nn.Module):
                 qb = q[b : b + n, :, start:end].reshape(n * H, end - start, D)
                 kb = k[b : b + n].reshape(n * H, T, D)
                 logits = torch.baddbmm(future[start:end], qb, kb.transpose(-1, -2))
-                head_max = torch.maximum(head_max, logits.view(n, H, -1).float().amax(dim=(0, 2)) * self.softmax_scale)
+                head_max = torch.maximum(head_max,
+                                         logits.view(n, H, -1).float().amax(dim=(0, 2)) * self.softmax_scale)
         torch.maximum(self.max_logits, head_max, out=self.max_logits)
 
     def reset_max_logits(self) -> None:
@@ -239,5 +241,6 @@ class MLAttention(nn.Module):
         root = gamma.sqrt()[:, None]
         H = self.num_heads
         q_rows = torch.cat((root.expand(H, self.nope_dim), gamma[:, None].expand(H, self.rope_dim)), dim=1)
-        kv_rows = torch.cat((root.expand(H, self.nope_dim), torch.ones(H, self.v_dim, device=gamma.device)), dim=1)
+        kv_rows = torch.cat((root.expand(H, self.nope_dim),
+                             torch.ones(H, self.v_dim, device=gamma.device)), dim=1)
         return [(self.query_proj.weight, q_rows.reshape(-1)), (self.kv_b_proj.weight, kv_rows.reshape(-1))]

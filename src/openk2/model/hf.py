@@ -19,13 +19,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from openk2.config import ConfigError, ModelConfig
+from openk2.config import ModelConfig
 from openk2.model.transformer import K2ForCausalLM, build_model
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _EXPERT_STACK = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
-_EXPERT_ONE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_ONE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
@@ -142,7 +143,8 @@ def _safe_open(path: Path):
     try:
         return safe_open(path, framework="pt")
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); copy or export it again") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); "
+                              "copy or export it again") from None
 
 
 def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -192,7 +194,8 @@ class CheckpointReader:
                     f"{self.directory}: missing tensor {prefix}.{missing[0]}.{proj}.weight "
                     f"({len(missing)} experts of {prefix} lack {proj})"
                 )
-            self.sources[f"{prefix}.{proj}"] = ("experts", [experts[e] for e in range(config.n_routed_experts)])
+            self.sources[f"{prefix}.{proj}"] = ("experts",
+                                                [experts[e] for e in range(config.n_routed_experts)])
 
     def shape(self, name: str) -> tuple[int, ...]:
         kind, source, *rest = self.sources[name]
@@ -241,7 +244,8 @@ def check_tensor_shapes(directory: str | Path, found: dict[str, tuple[int, ...]]
     missing = [name for name in expected if name not in found]
     if missing:
         raise CheckpointError(
-            f"{directory}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            f"{directory}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
     unexpected = [name for name in found if name not in expected]
     if unexpected:
@@ -252,7 +256,8 @@ def check_tensor_shapes(directory: str | Path, found: dict[str, tuple[int, ...]]
     for name, shape in found.items():
         if tuple(shape) != tuple(expected[name]):
             raise CheckpointError(
-                f"{directory}: tensor {name} has shape {list(shape)}, config.json implies {list(expected[name])}"
+                f"{directory}: tensor {name} has shape {list(shape)}, "
+                f"config.json implies {list(expected[name])}"
             )
 
 
@@ -287,7 +292,8 @@ def load_model(
             for buffer_name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer.device.type == "meta":
                     dtype = buffer.dtype if buffer.dtype == torch.long else torch.float32
-                    module.register_buffer(buffer_name, torch.zeros(buffer.shape, dtype=dtype), persistent=False)
+                    module.register_buffer(buffer_name, torch.zeros(buffer.shape, dtype=dtype),
+                                           persistent=False)
     for module in model.modules():
         if hasattr(module, "inv_freq"):
             module.reset_parameters()

@@ -210,7 +210,8 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.tokens_per_expert += counts
         if self.aux_loss_alpha > 0 and self.training:
-            self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores.view(B, T, -1), experts.view(B, T, -1))
+            self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores.view(B, T, -1),
+                                                                        experts.view(B, T, -1))
         out = self.experts(flat, weights, experts, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -28,7 +28,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MLP | MoE = (
-            MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+            MoE(config) if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -34,17 +34,16 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
-
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS_EPS = 1e-7  # floor of ||U||_F, as torch.optim.Muon
-NS_BATCH_ELEMENTS = 1 << 27  # elements of one Newton–Schulz batch (512 MiB in float32)
-
 import torch.distributed as dist
 
 try:  # DTensor only matters under FSDP2 / tensor parallelism
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = Shard = None  # type: ignore[assignment,misc]
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_EPS = 1e-7  # floor of ||U||_F, as torch.optim.Muon
+NS_BATCH_ELEMENTS = 1 << 27  # elements of one Newton–Schulz batch (512 MiB in float32)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:

@@ -103,7 +103,8 @@ class _GradientsInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype), None
+        return (grad_hidden * grad_output.to(grad_hidden.dtype),
+                grad_weight * grad_output.to(grad_weight.dtype), None)
 
 
 class _GradientsRecomputed(torch.autograd.Function):

@@ -56,7 +56,8 @@ class LoaderBatches:
         self.loader.load_state_dict(state)
 
 
-def prepare_tokenizer(recipe: dict, run_dir: Path, log: Callable[[str], None], vocab_size: int) -> K2Tokenizer:
+def prepare_tokenizer(recipe: dict, run_dir: Path, log: Callable[[str], None],
+                      vocab_size: int) -> K2Tokenizer:
     """data.tokenizer if given; else RUN/tokenizer if an earlier attempt trained one; else train."""
     data = recipe["data"]
     if data["tokenizer"]:
@@ -88,12 +89,14 @@ def model_for(recipe: dict, vocab_size: int, seed: int, device: str) -> K2ForCau
         else:
             model = load_model(section["init_from"], dtype=torch.float32, device=device)
         if model.config.vocab_size < vocab_size:
-            raise ConfigError(f"model.init_from={section['init_from']!r} has vocab_size {model.config.vocab_size}, "
+            raise ConfigError(f"model.init_from={section['init_from']!r} has vocab_size "
+                              f"{model.config.vocab_size}, "
                               f"smaller than the tokenizer's {vocab_size}")
         return model
     overrides = model_overrides(recipe)
     if overrides.get("vocab_size", vocab_size) < vocab_size:
-        raise ConfigError(f"model.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+        raise ConfigError(f"model.vocab_size={overrides['vocab_size']} is smaller than "
+                          f"the tokenizer's {vocab_size}")
     overrides.setdefault("vocab_size", vocab_size)
     config = preset(section["preset"], **overrides)
     return build_model(config, device=device, seed=seed)
@@ -167,7 +170,8 @@ def _pretrain(recipe: dict, run_dir: Path, resume: bool, log: Callable[[str], No
         skip_bad_lines=data["skip_bad_lines"], text_seed=data["seed"])
     if info.skipped_lines:
         log(f"skipped {info.skipped_lines} malformed record(s)")
-    log(f"data: {info.train.tokens:,} train tokens in {len(train_rows):,} rows, {info.val.tokens:,} validation tokens")
+    log(f"data: {info.train.tokens:,} train tokens in {len(train_rows):,} rows, "
+        f"{info.val.tokens:,} validation tokens")
     # Under torchrun the model is built on the meta device and, after parallelize, each rank
     # initialises or loads only its shards: no rank ever holds the whole model.
     model = model_for(recipe, tokenizer.vocab_size, seed, "meta" if mesh is not None else settings.device)

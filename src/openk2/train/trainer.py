@@ -72,7 +72,8 @@ class TrainSettings:
         return self.batch_size // self.micro_batch_size
 
 
-def next_token_loss(model: K2ForCausalLM, tokens: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def next_token_loss(model: K2ForCausalLM, tokens: torch.Tensor,
+                    mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of predicting tokens[:, 1:] (where mask[:, 1:]) and the target count."""
     targets = tokens[:, 1:]
     if mask is not None:
@@ -191,7 +192,8 @@ def train(
                 record["grad_norm"] = grad_norm
             if on_step is not None:
                 on_step(model, micro, record)
-            if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps) and val_batches:
+            if (settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps)
+                    and val_batches):
                 record["val_loss"] = evaluate(model, val_batches, device, settings.autocast)
                 summary["val_loss"] = record["val_loss"]
             metrics.write(record)
