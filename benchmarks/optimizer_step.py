@@ -148,7 +148,7 @@ def bench_preset(name: str, repeats: int, ceilings: dict[str, float]) -> list[li
         t_ns = max(best[f"ns {ns_dtype}"] - best[f"copy {ns_dtype}"], 1e-9)
         gflops = ns_flops / t_ns / 1e9
         t_step = best[f"muonclip {ns_dtype}"]
-        rows.append([name, f"muonclip ({ns_dtype} NS)", ms(t_step), f"{t_ref / t_step:.1f}x",
+        rows.append([name, f"muonclip ({ns_dtype} NS)", ms(t_step), f"{t_ref / t_step:.2f}x",
                      f"{ns_flops / 1e9:,.1f} ({sum(classes.values())} matrices, {len(classes)} batches)",
                      f"{gflops:,.0f} in {ms(t_ns)} ms",
                      f"{100 * gflops / ceilings[ns_dtype]:.0f}% of {ceilings[ns_dtype]:,.0f}"])
