@@ -298,7 +298,12 @@ def muon_update(
         if is_dtensor(work[i]):  # any other sharding: every rank gathers the whole matrix
             slot.copy_(_full_input(work[i], g_local[i], m_local[i], nesterov_mu))
         elif nesterov:
-            torch.add(_rows(g_local[i], e0, e1), _rows(m_local[i], e0, e1), alpha=momentum, out=slot)
+            g, m = _rows(g_local[i], e0, e1), _rows(m_local[i], e0, e1)
+            if slot.dtype == g.dtype:
+                torch.add(g, m, alpha=momentum, out=slot)
+            else:  # an add into another dtype makes a fresh temporary: reuse one (it stays in cache)
+                tmp = _buffer(workspace, "nesterov", (g.numel(),), g.dtype, g.device).view(g.shape)
+                slot.copy_(torch.add(g, m, alpha=momentum, out=tmp))
         else:
             slot.copy_(_rows(m_local[i], e0, e1))
 
