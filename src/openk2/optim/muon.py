@@ -312,25 +312,27 @@ def muon_update(
         return step / decay if decay else step
 
     specs = [(i, work[i].shape, p_local[i].device, p_local[i].dtype, is_dtensor(work[i])) for i in rest]
-    for batch in _orthogonalised(specs, fill, scale=scale, **ns):  # one shape class per batch
-        targets, updates = [], []
+    # Updates come back in Newton–Schulz's dtype; each is cast through one kept buffer (the
+    # largest parameter's size, so it stays in cache) right before it is applied.
+    for batch in _orthogonalised(specs, fill, scale=scale, cast=False, **ns):  # one shape class per batch
         for i, e0, e1, update in batch:
+            target = p_local[i] if is_dtensor(work[i]) else _rows(p_local[i], e0, e1)
             if is_dtensor(work[i]):
-                targets.append(p_local[i])
-                updates.append(_local_rows(update, work[i]))
+                update = _local_rows(update, work[i])
+            if update.dtype != target.dtype:
+                cast = _buffer(workspace, "update", (update.numel(),), target.dtype, target.device)
+                update = cast.view(update.shape).copy_(update)
+            if decay:
+                target.lerp_(update, decay)
             else:
-                targets.append(_rows(p_local[i], e0, e1))
-                updates.append(update)
-        if decay:
-            torch._foreach_lerp_(targets, updates, decay)
-        else:
-            torch._foreach_add_(targets, updates)
+                target.add_(update)
 
 
 def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batch_elements, workspace,
-                    scale=None):
+                    scale=None, cast=True):
     """Newton–Schulz over matrices batched by shape class; `scale(long side)`, if given, is the
-    factor each class's results are multiplied by.
+    factor each class's results are multiplied by; with `cast` False the updates are left in
+    Newton–Schulz's dtype.
 
     specs: (key, shape [..., rows, cols], device, dtype of the result, whole) per tensor; a
     `whole` tensor is never split across batches. `fill(key, e0, e1, slot)` writes matrices
@@ -358,7 +360,7 @@ def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batc
                 start += e1 - e0
             O = zeropower_via_newtonschulz(X, steps, coefficients, eps, workspace,
                                            scale=1.0 if scale is None else scale(max(rows, cols)))
-            if O.dtype != param_dtype:  # one cast per batch (a mixed-dtype add_ is ~7x slower on CPU)
+            if cast and O.dtype != param_dtype:  # one cast per batch (a mixed-dtype add_ is ~7x slower)
                 O = _buffer(workspace, "cast", O.shape, param_dtype, device).copy_(O)
             out, start = [], 0
             for key, e0, e1 in chunk:
