@@ -14,7 +14,8 @@ per-matrix Muon reference, side by side in one run.
 - muonclip fp32 / bf16: openk2's step (build_optimizer defaults: Muon + AdamW + QK-Clip + router
   bias + non-finite check) with Newton–Schulz in float32 (the default) or bfloat16.
 
-Newton–Schulz FLOPs are counted per matrix (5 steps x (4 m^2 n + 2 m^3), m <= n); achieved
+Newton–Schulz FLOPs are counted per matrix in the form it runs (`newton_schulz_flops`: 5 steps x
+(4 m^2 n + 2 m^3), m <= n, for the plain iteration, fewer for the Gram form); achieved
 GFLOP/s time Newton–Schulz alone on the batches MuonClip builds, against a large square matmul
 of the same dtype, measured in the same rounds. All contenders run round-robin and each
 reports its best round (--repeats rounds for small, twice that for tiny, after warm-up), since
@@ -133,7 +134,7 @@ def bench_preset(name: str, repeats: int, ceilings: dict[str, float]) -> list[li
 
         contenders[f"ns {ns_dtype}"] = newton_schulz
         contenders[f"copy {ns_dtype}"] = copy_only
-    rounds = 2 * repeats if name == "tiny" else max(2, repeats // 2)
+    rounds = 2 * repeats if name == "tiny" else repeats
     best = best_of(contenders, rounds, warmup=1 if name != "tiny" else 2)
     for dtype in ("float32", "bfloat16"):
         ceilings[dtype] = max(ceilings.get(dtype, 0.0), gflops_of_matmul(best[f"mm {dtype}"]))
