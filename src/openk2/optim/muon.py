@@ -302,7 +302,7 @@ def muon_update(
             if slot.dtype == g.dtype:
                 torch.add(g, m, alpha=momentum, out=slot)
             else:  # an add into another dtype makes a fresh temporary: reuse one (it stays in cache)
-                tmp = _buffer(workspace, "nesterov", (g.numel(),), g.dtype, g.device).view(g.shape)
+                tmp = _buffer(workspace, "nesterov", g.shape, g.dtype, g.device)
                 slot.copy_(torch.add(g, m, alpha=momentum, out=tmp))
         else:
             slot.copy_(_rows(m_local[i], e0, e1))
@@ -320,8 +320,7 @@ def muon_update(
             if is_dtensor(work[i]):
                 update = _local_rows(update, work[i])
             if update.dtype != target.dtype:
-                cast = _buffer(workspace, "update", (update.numel(),), target.dtype, target.device)
-                update = cast.view(update.shape).copy_(update)
+                update = _buffer(workspace, "update", update.shape, target.dtype, target.device).copy_(update)
             if decay:
                 target.lerp_(update, decay)
             else:
@@ -371,15 +370,16 @@ def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batc
 
 def _buffer(workspace: dict | None, name: str, shape, dtype: torch.dtype,
             device: torch.device) -> torch.Tensor:
-    """An uninitialised [N, ...] buffer; on CPU the leading rows of one kept in `workspace`,
-    which grows to the largest N asked for (so memory stays bounded if N varies)."""
+    """An uninitialised buffer of `shape`; on CPU a view of the front of one flat buffer per name
+    kept in `workspace`, which grows to the largest size asked for: shape classes take turns
+    with the same memory, so the workspace is the largest batch's, not the sum of all."""
     if workspace is None or torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    key = (name, tuple(shape[1:]), dtype, device)
+    key, numel = (name, dtype, device), math.prod(shape)
     kept = workspace.get(key)
-    if kept is None or kept.shape[0] < shape[0]:
-        kept = workspace[key] = torch.empty(shape, dtype=dtype, device=device)
-    return kept[: shape[0]]
+    if kept is None or kept.numel() < numel:
+        kept = workspace[key] = torch.empty(numel, dtype=dtype, device=device)
+    return kept[:numel].view(shape)
 
 
 def _chunks(members: list[tuple[int, int]], capacity: int, whole: dict[int, bool]):
