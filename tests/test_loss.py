@@ -57,3 +57,22 @@ def test_chunk_rows():
     assert loss_module.chunk_rows(163840, "cpu") == 128
     assert loss_module.chunk_rows(4096, "cuda") == 1024
     assert loss_module.chunk_rows(32768, "cuda") == loss_module.chunk_rows(163840, "cuda") == 128
+
+
+def test_a_second_backward_through_gradients_made_in_the_forward_is_refused():
+    """The in-forward gradients are scaled in place by their one backward; a second one (kept
+    graph) must fail loudly rather than scale them twice. The recomputing path allows it."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(12, 8, generator=g, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 20, (12,), generator=g)
+    loss = linear_cross_entropy(hidden, weight, targets, recompute=False)
+    (loss * 0.5).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward.*recompute=True"):
+        loss.backward()
+    hidden.grad = weight.grad = None
+    again = linear_cross_entropy(hidden, weight, targets, recompute=True)
+    again.backward(retain_graph=True)
+    first = weight.grad.clone()
+    again.backward()
+    torch.testing.assert_close(weight.grad, 2 * first)

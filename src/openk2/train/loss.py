@@ -98,13 +98,21 @@ class _GradientsInForward(torch.autograd.Function):
             _head_grads(_softmax_minus_onehot(probs, norm, valid, safe), hidden[chunk], weight,
                         grad_hidden, grad_weight, chunk)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.scaled = False
         return total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        # The gradients made in the forward serve one backward and are scaled in place: a product
+        # would allocate a second [V, D] head gradient (and, on the CPU, page-fault it in).
+        if ctx.scaled:
+            raise RuntimeError("linear_cross_entropy: a second backward through the same loss; its "
+                               "gradients are made in the forward for one backward. Recompute the loss, "
+                               "or pass recompute=True to make them in each backward.")
+        ctx.scaled = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output.to(grad_hidden.dtype),
-                grad_weight * grad_output.to(grad_weight.dtype), None)
+        return (grad_hidden.mul_(grad_output.to(grad_hidden.dtype)),
+                grad_weight.mul_(grad_output.to(grad_weight.dtype)), None)
 
 
 class _GradientsRecomputed(torch.autograd.Function):
