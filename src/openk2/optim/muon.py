@@ -316,9 +316,10 @@ def muon_update(
     # largest parameter's size, so it stays in cache) right before it is applied.
     for batch in _orthogonalised(specs, fill, scale=scale, cast=False, **ns):  # one shape class per batch
         for i, e0, e1, update in batch:
-            target = p_local[i] if is_dtensor(work[i]) else _rows(p_local[i], e0, e1)
             if is_dtensor(work[i]):
-                update = _local_rows(update, work[i])
+                target, update = p_local[i], _local_rows(update, work[i])
+            else:
+                target = _rows(p_local[i], e0, e1)
             if update.dtype != target.dtype:
                 update = _buffer(workspace, "update", update.shape, target.dtype, target.device).copy_(update)
             if decay:
