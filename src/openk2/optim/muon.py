@@ -311,10 +311,10 @@ def muon_update(
         step = -lr * 0.2 * math.sqrt(long)
         return step / decay if decay else step
 
-    specs = [(i, work[i].shape, p_local[i].device, p_local[i].dtype, is_dtensor(work[i])) for i in rest]
+    specs = [(i, work[i].shape, p_local[i].device, is_dtensor(work[i])) for i in rest]
     # Updates come back in Newton–Schulz's dtype; each is cast through one kept buffer (the
     # largest parameter's size, so it stays in cache) right before it is applied.
-    for batch in _orthogonalised(specs, fill, scale=scale, cast=False, **ns):  # one shape class per batch
+    for batch in _orthogonalised(specs, fill, scale=scale, **ns):  # one shape class per batch
         for i, e0, e1, update in batch:
             if is_dtensor(work[i]):
                 target, update = p_local[i], _local_rows(update, work[i])
@@ -329,26 +329,26 @@ def muon_update(
 
 
 def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batch_elements, workspace,
-                    scale=None, cast=True):
+                    scale=None):
     """Newton–Schulz over matrices batched by shape class; `scale(long side)`, if given, is the
-    factor each class's results are multiplied by; with `cast` False the updates are left in
-    Newton–Schulz's dtype.
+    factor each class's results are multiplied by.
 
-    specs: (key, shape [..., rows, cols], device, dtype of the result, whole) per tensor; a
+    specs: (key, shape [..., rows, cols], device, whole) per tensor; a
     `whole` tensor is never split across batches. `fill(key, e0, e1, slot)` writes matrices
     e0:e1 of a tensor into `slot` (a view of the batch in the tensor's orientation). Yields,
-    per batch, [(key, e0, e1, update)] with `update` in the tensor's shape and dtype, a view of
+    per batch, [(key, e0, e1, update)] with `update` in the tensor's shape and in `ns_dtype`
+    (callers cast it, one tensor at a time, where they apply it), a view of
     a buffer that the next batch reuses: consume it before asking for the next.
     """
-    # Shape classes: (rows, cols, device, dtype) -> [(key, matrices, ndim, whole)]. Tall and
+    # Shape classes: (rows, cols, device) -> [(key, matrices, ndim, whole)]. Tall and
     # wide matrices of one size are separate classes: each batch keeps its tensors' own
     # orientation, so filling it and reading the update back are contiguous passes (a
     # transposed copy or lerp is 7-13x slower on CPU) and Newton-Schulz transposes by flags.
-    classes: dict[tuple[int, int, torch.device, torch.dtype], list[tuple]] = {}
-    for key, shape, device, dtype, whole in specs:
+    classes: dict[tuple[int, int, torch.device], list[tuple]] = {}
+    for key, shape, device, whole in specs:
         count = shape[0] if len(shape) == 3 else 1
-        classes.setdefault((*shape[-2:], device, dtype), []).append((key, count, len(shape), whole))
-    for (rows, cols, device, param_dtype), members in classes.items():
+        classes.setdefault((*shape[-2:], device), []).append((key, count, len(shape), whole))
+    for (rows, cols, device), members in classes.items():
         capacity = max(1, max_batch_elements // (rows * cols))  # matrices per Newton–Schulz batch
         ndims = {key: ndim for key, _, ndim, _ in members}
         for chunk in _chunks([(k, c) for k, c, _, _ in members], capacity, {k: w for k, _, _, w in members}):
@@ -360,8 +360,6 @@ def _orthogonalised(specs, fill, *, steps, coefficients, eps, ns_dtype, max_batc
                 start += e1 - e0
             O = zeropower_via_newtonschulz(X, steps, coefficients, eps, workspace,
                                            scale=1.0 if scale is None else scale(max(rows, cols)))
-            if cast and O.dtype != param_dtype:  # one cast per batch (a mixed-dtype add_ is ~7x slower)
-                O = _buffer(workspace, "cast", O.shape, param_dtype, device).copy_(O)
             out, start = [], 0
             for key, e0, e1 in chunk:
                 out.append((key, e0, e1, _slot(O, start, e1 - e0, ndims[key])))
@@ -519,10 +517,10 @@ def _owner_update(params: list[torch.Tensor], grads: list[torch.Tensor], momenta
 
     # Orthogonalise this rank's share.
     results: dict[int, torch.Tensor] = {}
-    specs = [(i, params[i].shape, device, locals_[i].dtype, False) for i in sorted(full)]
+    specs = [(i, params[i].shape, device, False) for i in sorted(full)]
     for batch in _orthogonalised(specs, lambda i, e0, e1, slot: slot.copy_(full[i]), **ns):
         for i, _, _, update in batch:
-            results[i] = update.clone()
+            results[i] = update.to(locals_[i].dtype, copy=True)  # the next batch reuses its buffer
 
     # Scatter: each rank's rows of every update, from the owner.
     back: list[list[torch.Tensor]] = [[] for _ in range(world)]
