@@ -13,6 +13,13 @@
 - one tiny layer's attention core, forward + backward with the max-logit statistic (8 x 4 heads
   x 256 tokens): the explicit CPU path against the fused kernel (v padded, statistic in its own
   pass, q/k concatenated);
+- the fused LM-head loss (train/loss.py), forward + backward over 2,048 rows, by rows per chunk:
+  the small preset's shape ([2,048 x 512] against a 32,768-token head) at 128 and 512 rows,
+  the tiny preset's at 256 and 512 (timed per call, fewer rounds);
+- Muon's bf16 passes on the small preset's shapes (per call): b A + c A^2 over the expert
+  class's [336 x 256 x 256] Gram matrices as one baddbmm against a product plus an add, and the
+  Nesterov input G + mu M of 14 expert tensors [16 x 256 x 512] written by an add straight into
+  the bf16 batch against one through a kept float32 buffer;
 - Newton-Schulz numerics (not a timing): relative error against a float64 plain iteration of
   the plain form, the Gram form, and the Gram form without its midway restart, on Gaussian
   matrices and on matrices whose singular values fall from 1 to 1e-4, float32 and bfloat16.
@@ -29,6 +36,7 @@ import torch.nn.functional as F
 from common import best_of, cpu_name, patched
 
 import openk2.optim.muon as muon
+import openk2.train.loss as loss_module
 from openk2 import preset
 from openk2.model import attention
 from openk2.model import linear as onednn
@@ -156,6 +164,51 @@ def attention_contenders() -> dict:
             "attention core: fused kernel + statistic": step(False)}
 
 
+def loss_chunk_contenders() -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def step(vocab: int, hidden: int, rows: int):
+        h = torch.randn(2048, hidden, generator=g, requires_grad=True)
+        head = (torch.randn(vocab, hidden, generator=g) * 0.02).requires_grad_()
+        targets = torch.randint(0, vocab, (2048,), generator=g)
+
+        def run() -> None:
+            h.grad = head.grad = None
+            with patched(loss_module, "chunk_rows", lambda vocab, device_type: rows):
+                loss_module.linear_cross_entropy(h, head, targets, recompute=False).backward()
+        return run
+
+    return {f"loss fwd+bwd, V {vocab:,} D {hidden}: {rows} rows/chunk": step(vocab, hidden, rows)
+            for vocab, hidden, rows in ((32768, 512, 128), (32768, 512, 512), (8192, 256, 256),
+                                        (8192, 256, 512))}
+
+
+def muon_pass_contenders() -> dict:
+    g = torch.Generator().manual_seed(0)
+    a, b, c = muon.NS_COEFFICIENTS
+    A = torch.randn(336, 256, 256, generator=g).bfloat16()
+    out = torch.empty_like(A)
+    grads = [torch.randn(16, 256, 512, generator=g) for _ in range(14)]
+    momenta = [torch.randn(16, 256, 512, generator=g) for _ in range(14)]
+    batch = torch.empty(14 * 16, 256, 512, dtype=torch.bfloat16)
+    kept = torch.empty(16, 256, 512)
+
+    def fill_direct() -> None:
+        for k, (grad, m) in enumerate(zip(grads, momenta)):
+            torch.add(grad, m, alpha=0.95, out=batch[16 * k : 16 * (k + 1)])
+
+    def fill_kept() -> None:
+        for k, (grad, m) in enumerate(zip(grads, momenta)):
+            batch[16 * k : 16 * (k + 1)].copy_(torch.add(grad, m, alpha=0.95, out=kept))
+
+    return {
+        "bA + cA^2 bf16: baddbmm(beta=b)": lambda: torch.baddbmm(A, A, A, beta=b, alpha=c, out=out),
+        "bA + cA^2 bf16: product + add (muon.py)": lambda: muon._quadratic(A, b, c, out),
+        "G + mu M into bf16: add straight in": fill_direct,
+        "G + mu M into bf16: via a kept fp32 buffer": fill_kept,
+    }
+
+
 def newton_schulz_errors() -> list[str]:
     """Rows of relative errors against a float64 plain iteration (see the module docstring)."""
     g = torch.Generator().manual_seed(0)
@@ -200,6 +253,11 @@ def main() -> None:
     core = best_of(repeated(attention_contenders()), max(3, args.rounds // 3))
     for name, seconds in {**train, **decode, **gemm, **core}.items():
         print(f"{name:<44}{seconds / CALLS * 1e6:>10,.1f} us per call")
+    with torch.no_grad():
+        passes = best_of(muon_pass_contenders(), args.rounds)
+    losses = best_of(loss_chunk_contenders(), max(5, args.rounds // 2))
+    for name, seconds in {**passes, **losses}.items():
+        print(f"{name:<52}{seconds * 1e3:>10,.1f} ms per call")
     print("\n".join(newton_schulz_errors()))
 
 
