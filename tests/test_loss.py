@@ -51,6 +51,31 @@ def test_several_chunks_with_a_short_last_one(recompute, monkeypatch):
     torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_rows_whose_target_probability_underflows_keep_their_exact_loss(recompute):
+    """A per-token loss far above 87 (target probability below float32's normal range): read off
+    the softmax it would be inf or wrong; those rows take the exact log-sum-exp instead."""
+    g = torch.Generator().manual_seed(5)
+    hidden = (torch.randn(40, 8, generator=g) * 30).requires_grad_()
+    weight = (torch.randn(64, 8, generator=g) * 30).requires_grad_()
+    targets = torch.randint(0, 64, (40,), generator=g)
+    targets[::5] = IGNORE
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="none")
+    assert ref.max() > 1000  # the case under test is there
+    ref = ref.sum()
+    ours = linear_cross_entropy(hidden, weight, targets, recompute=recompute)
+    ours.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    ref.backward()
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), ref.detach(),
+                                   rtol=1e-5, atol=1e-3)
+
+
 def test_chunk_rows():
     """CPU: 512 rows up to 64 MiB of float32 logits; accelerators: ~16 MiB; never under 128."""
     assert loss_module.chunk_rows(8192, "cpu") == loss_module.chunk_rows(32768, "cpu") == 512

@@ -3,8 +3,9 @@
 loss = sum_i [logsumexp(h_i W^T) - (h_i W^T)[y_i]] over rows whose target is not ignored.
 
 The full [tokens, vocab] logits never exist (K2's vocabulary is 163,840: 2.7 GB of float32
-logits per 4k-token sequence); each chunk's elementwise passes stay in cache. Two ways to get
-the gradients, chosen per call by which holds less memory:
+logits per 4k-token sequence); each chunk's softmax runs in place in its logits' buffer, and
+the loss is read off the target's probability. Two ways to get the gradients, chosen per call by
+which holds less memory:
 
 - in the forward (tokens >= hidden size, e.g. every CPU run): the gradient of a summed
   cross-entropy with respect to the logits, softmax - onehot, is known as soon as the forward
@@ -12,9 +13,9 @@ the gradients, chosen per call by which holds less memory:
   away and the backward only scales them. Three head matmuls, no recomputation; holds a [V, D]
   head gradient from the forward to the backward.
 - recomputed in the backward (hidden size > tokens, e.g. K2's 7,168 against a 4,096-token
-  micro-batch, where that [V, D] gradient would outweigh the logits themselves): the forward
-  keeps one log-sum-exp per row, and the backward recomputes each chunk's logits. Four head
-  matmuls; holds nothing vocabulary-sized between forward and backward.
+  micro-batch, where that [V, D] gradient would outweigh the logits themselves): the backward
+  recomputes each chunk's logits and softmax. Four head matmuls; holds nothing between forward
+  and backward but the inputs.
 
 Without grad (evaluation) only the loss is computed.
 """
@@ -27,6 +28,7 @@ from openk2.model.linear import linear
 from openk2.model.linear import supports as onednn_supports
 
 IGNORE = -100
+_SMALLEST = torch.finfo(torch.float32).tiny  # the smallest normal float32
 
 
 def chunk_rows(vocab: int, device_type: str) -> int:
@@ -45,34 +47,63 @@ def recomputes(rows: int, hidden_size: int) -> bool:
     return hidden_size > rows
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
-    """float32 logits of one chunk, which rows count, their clamped targets and target logits.
-    (Called outside autograd only: in the autograd functions below, or without grad.)"""
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 logits h @ weight.T of a chunk. (Called outside autograd only: in the autograd
+    functions below, or without grad.)"""
     # oneDNN's GEMM is ~1.4x MKL's at this shape on CPU (docs/LOG.md); the gradient
     # products stay on torch.mm, where oneDNN was no faster inside the loss (docs/LOG.md).
-    logits = (linear(h, weight) if onednn_supports(h, weight) else h @ weight.T).float()  # [n, V]
+    return (linear(h, weight) if onednn_supports(h, weight) else h @ weight.T).float()  # [n, V]
+
+
+def _chunk_softmax(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor):
+    """A chunk's softmax over the vocabulary, which rows count, their clamped targets, each row's
+    loss -log p[target] (zero for ignored rows) and the rows whose target probability underflowed.
+
+    The softmax runs in place in the logits' buffer: one pass per row, which stays in cache,
+    instead of max, shift, exp, sum and scale each streaming the whole chunk (docs/LOG.md). The
+    loss is then read off the target's probability, exact while that is a normal float32
+    (p >= 1.2e-38, a per-token loss below ~87); rows below are flagged in `lost` and get their
+    exact loss from `_exact_loss`."""
+    probs = _logits(h, weight)
+    torch.softmax(probs, dim=-1, out=probs)
     valid = t != IGNORE
     safe = t.clamp(min=0)
-    return logits, valid, safe, logits.gather(1, safe[:, None]).squeeze(1)
+    p = probs.gather(1, safe[:, None]).squeeze(1)
+    lost = valid & (p < _SMALLEST)
+    return probs, valid, safe, torch.where(valid & ~lost, -p.log(), 0.0), lost
 
 
-def _softmax_minus_onehot(probs: torch.Tensor, norm: torch.Tensor, valid: torch.Tensor,
-                          safe: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """d loss / d logits of a chunk, in place: probs holds exp(logits - shift), norm its row sum."""
-    probs.mul_(valid[:, None] * scale / norm)  # softmax, zero on ignored rows
-    probs.scatter_add_(1, safe[:, None], -(valid[:, None] * scale).to(probs.dtype))
-    return probs
+def _exact_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                lost: list[torch.Tensor]) -> torch.Tensor | float:
+    """Summed loss of the rows flagged in `lost` (one mask per chunk), by log-sum-exp of their
+    recomputed logits: only a diverging model has them, so one check per call, not per chunk."""
+    rows = torch.cat(lost).nonzero().squeeze(1) if lost else None
+    if rows is None or rows.numel() == 0:
+        return 0.0
+    logits = _logits(hidden[rows], weight)
+    return (logits.logsumexp(dim=-1) - logits.gather(1, targets[rows, None]).squeeze(1)).sum()
 
 
-def _head_grads(d_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_hidden: torch.Tensor,
-                grad_weight: torch.Tensor, rows: slice) -> None:
-    """Chunk gradient of the logits -> rows of the hidden-state gradient, summed into the head's."""
-    d_logits = d_logits.to(h.dtype) if h.dtype != torch.float32 else d_logits
-    grad_hidden[rows] = d_logits @ weight.to(d_logits.dtype)
+def _head_grads(probs: torch.Tensor, safe: torch.Tensor, row_scale: torch.Tensor, h: torch.Tensor,
+                weight: torch.Tensor, grad_hidden: torch.Tensor, grad_weight: torch.Tensor,
+                rows: slice) -> None:
+    """A chunk's softmax -> its rows of the hidden-state gradient, and its share of the head's.
+
+    d loss / d logits is (softmax - onehot) * row_scale (zero for ignored rows; the incoming
+    gradient where the backward recomputes); the row scale is applied on the [n, D] side (to the
+    hidden-state gradient and to h), so the [n, V] chunk takes no pass beyond the one-hot. The
+    head gradient takes the float32 chunk; the hidden-state gradient a copy in h's dtype."""
+    d_logits = probs.scatter_add_(1, safe[:, None], probs.new_full((probs.shape[0], 1), -1.0))
+    d_cast = d_logits.to(h.dtype)
+    scale = row_scale[:, None]
+    out = grad_hidden[rows]
+    torch.mm(d_cast, weight.to(h.dtype), out=out)
+    out.mul_(scale.to(out.dtype))
+    scaled_h = h.float() * scale
     if rows.start == 0:  # the first chunk writes the head gradient, the others add to it
-        torch.mm(d_logits.T.float(), h.float(), out=grad_weight)
+        torch.mm(d_logits.T, scaled_h, out=grad_weight)
     else:
-        grad_weight.addmm_(d_logits.T.float(), h.float())
+        grad_weight.addmm_(d_logits.T, scaled_h)
 
 
 def _head_gradient_buffer(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -88,18 +119,16 @@ class _GradientsInForward(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = _head_gradient_buffer(hidden, weight)
         total = hidden.new_zeros((), dtype=torch.float32)
+        lost = []
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            logits, valid, safe, picked = _chunk_logits(hidden[chunk], weight, targets[chunk])
-            top = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(top).exp_()  # unnormalised softmax, in place: one exp pass
-            norm = probs.sum(dim=-1, keepdim=True)
-            total += ((top.squeeze(1) + norm.log().squeeze(1) - picked) * valid).sum()
-            _head_grads(_softmax_minus_onehot(probs, norm, valid, safe), hidden[chunk], weight,
-                        grad_hidden, grad_weight, chunk)
+            probs, valid, safe, row_loss, chunk_lost = _chunk_softmax(hidden[chunk], weight, targets[chunk])
+            total += row_loss.sum()
+            lost.append(chunk_lost)
+            _head_grads(probs, safe, valid.float(), hidden[chunk], weight, grad_hidden, grad_weight, chunk)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.scaled = False
-        return total
+        return total + _exact_loss(hidden, weight, targets, lost)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -118,39 +147,34 @@ class _GradientsInForward(torch.autograd.Function):
 class _GradientsRecomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        total = _summed_loss(hidden, weight, targets, lse)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        return total
+        ctx.save_for_backward(hidden, weight, targets)
+        return _summed_loss(hidden, weight, targets)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets = ctx.saved_tensors
         rows = chunk_rows(weight.shape[0], weight.device.type)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = _head_gradient_buffer(hidden, weight)
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
-            logits, valid, safe, _ = _chunk_logits(hidden[chunk], weight, targets[chunk])
-            probs = logits.sub_(lse[chunk, None]).exp_()  # already normalised
-            d_logits = _softmax_minus_onehot(probs, probs.new_ones(()), valid, safe, grad_output.float())
-            _head_grads(d_logits, hidden[chunk], weight, grad_hidden, grad_weight, chunk)
+            probs, valid, safe, _, _ = _chunk_softmax(hidden[chunk], weight, targets[chunk])
+            _head_grads(probs, safe, valid * grad_output.float(), hidden[chunk], weight, grad_hidden,
+                        grad_weight, chunk)
         return grad_hidden, grad_weight.to(weight.dtype), None
 
 
-def _summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 lse: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss alone, chunk by chunk; fills `lse` with each row's log-sum-exp when given."""
+def _summed_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss alone, chunk by chunk."""
     rows = chunk_rows(weight.shape[0], weight.device.type)
     total = hidden.new_zeros((), dtype=torch.float32)
+    lost = []
     for start in range(0, hidden.shape[0], rows):
         chunk = slice(start, start + rows)
-        logits, valid, _, picked = _chunk_logits(hidden[chunk], weight, targets[chunk])
-        row_lse = torch.logsumexp(logits, dim=-1)
-        if lse is not None:
-            lse[chunk] = row_lse
-        total += ((row_lse - picked) * valid).sum()
-    return total
+        _, _, _, row_loss, chunk_lost = _chunk_softmax(hidden[chunk], weight, targets[chunk])
+        total += row_loss.sum()
+        lost.append(chunk_lost)
+    return total + _exact_loss(hidden, weight, targets, lost)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -19,10 +19,11 @@ blocks), expert tensors split over ep ranks and then over edp_shard ranks. Per G
                the estimate against saved_tensors_hooks); "full" checkpointing keeps the layer
                inputs plus one layer's activations during its recomputation
   loss         the LM head fused with the cross-entropy (train/loss.py; under FSDP inside the
-               head's unit, train/distributed.py), one row chunk of logits and probabilities, plus
-               either a float32 log-sum-exp per token (fewer tokens than the hidden size: the
-               backward recomputes the logits) or the hidden-state gradient per token (a D) and
-               the head gradient made in the forward ((4 + a) V D: fp32, then compute dtype)
+               head's unit, train/distributed.py), one row chunk of float32 logits (the softmax
+               runs in place) and, below fp32, its copy in the compute dtype; plus, unless the
+               backward recomputes the logits (fewer tokens than the hidden size), the
+               hidden-state gradient per token (a D) and the head gradient made in the forward
+               ((4 + a) V D: fp32, then compute dtype)
 
 Compute dtype: bf16 on GPUs (a = 2 B), fp32 on CPU (a = 4 B). Per token and layer, with D
 hidden, q/C the q/kv LoRA ranks, H heads of N+R query/key and V value dims, K routed experts of
@@ -129,9 +130,10 @@ def loss_bytes(c: ModelConfig, tokens: int, act: int, device_type: str) -> int:
     """Memory of the LM head's loss for one micro-batch (module docstring); the same with and
     without FSDP (train/distributed.py runs the fused loss inside the head's FSDP unit)."""
     V, D = c.vocab_size, c.hidden_size
-    chunk = min(tokens, chunk_rows(V, device_type)) * V * (8 + act)
+    # a chunk's float32 logits, softmax in place, plus its copy in the compute dtype
+    chunk = min(tokens, chunk_rows(V, device_type)) * V * (4 + (act if act < 4 else 0))
     if recomputes(tokens, D):
-        return chunk + 4 * tokens
+        return chunk
     return chunk + act * D * tokens + (4 + act) * V * D
 
 
