@@ -86,7 +86,7 @@ class _ExplicitMLAttention(torch.autograd.Function):
                                    alpha=scale)
             logits.view(B, rows, end).baddbmm_(qr, kr[:, :end].transpose(1, 2), alpha=scale)
             maxima.append(logits.view(B, H, -1).amax(dim=(0, 2)))
-            p = torch.softmax(logits, dim=-1)
+            p = torch.softmax(logits, dim=-1, out=logits)  # in place: no second block buffer
             outs.append(torch.bmm(p, vf[:, :end]))
             probs.append(p)
             rope_queries.append(qr)
