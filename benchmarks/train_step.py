@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from common import best_of, cpu_name, gflops_of_matmul, matmul, patched, rounds, timed
 
 import openk2.model.attention as attention_module
+import openk2.model.moe as moe_module
 import openk2.train.loss as loss_module
 from openk2 import build_model, param_counts, preset, save_model
 from openk2.train.trainer import next_token_loss
@@ -77,21 +78,23 @@ def step_fn(model, loss_fn):
 
 
 def dispatch_step(model):
-    """One pass of routing + sort + gather + scatter of every MoE layer, forward and backward, with the
-    expert SwiGLUs replaced by the identity."""
+    """One pass of every MoE layer's routing, sort, gather and scatter, forward and backward: the
+    layer's own code (`Experts.forward`) with each expert SwiGLU replaced by its gate weight
+    times the identity."""
     layers = list(model.moe_layers())
     D = model.config.hidden_size
     x = torch.randn(BATCH * SEQ, D, requires_grad=True)
 
+    def scaled_identity(xs, scale, *weights_and_sizes):
+        return xs * scale
+
     def one() -> None:
         total = 0
-        for moe in layers:
-            weights, experts, _ = moe.gate(x)
-            K = experts.shape[1]
-            order = experts.flatten().argsort(stable=True)
-            token = order // K
-            ys = x[token] * weights.flatten()[order, None]
-            total = total + torch.zeros_like(x).index_add_(0, token, ys).sum()
+        with patched(moe_module, "expert_swiglu", scaled_identity):
+            for moe in layers:
+                weights, experts, _ = moe.gate(x)
+                counts = torch.bincount(experts.flatten(), minlength=moe.experts.num_experts)
+                total = total + moe.experts(x, weights, experts, counts).sum()
         if layers:
             total.backward()
 
