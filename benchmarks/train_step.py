@@ -7,14 +7,16 @@ implementation that runs on CPU is timed for one step after a warm-up one, and t
 the reference (`batched_mm`, which gathers a weight copy per routed token, is skipped where that
 copy would not fit in a few GiB). openk2 and the reference then run alternately, step by step,
 and each side's fastest step is reported (its median beside it), so both see the same machine
-load. Also printed: achieved GFLOP/s against an fp32 matmul ceiling measured in the same run,
+load; a 2048^3 fp32 matmul runs in the same rounds, and its fastest round is the ceiling the
+achieved GFLOP/s are compared with. The number of rounds defaults per preset (tiny 30, small
+10): the fastest of few rounds of a short step still carries the host's load. Also printed:
 and the cost of openk2's MoE dispatch (routing, sort, gather, scatter; forward + backward, all
 MoE layers) on its own. `--mkl-logits` adds openk2 with the fused loss's logits product on MKL
 instead of oneDNN (docs/LOG.md) as a further contender in the same rounds, and `--flash-attention`
 openk2 with PyTorch's fused (flash) attention kernel instead of its explicit CPU attention
 for short sequences.
 
-    python benchmarks/train_step.py [--presets tiny small] [--steps 10] [--mkl-logits] [--flash-attention]
+    python benchmarks/train_step.py [--presets tiny small] [--steps N] [--mkl-logits] [--flash-attention]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import best_of, cpu_name, gflops_of_matmul, matmul, patched, rounds, timed
+from common import cpu_name, gflops_of_matmul, matmul, patched, rounds, timed
 
 import openk2.model.attention as attention_module
 import openk2.model.moe as moe_module
@@ -150,7 +152,11 @@ def openk2_loss_flash_attention(model, ids: torch.Tensor) -> torch.Tensor:
         return openk2_loss(model, ids)
 
 
-def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False,
+DEFAULT_ROUNDS = {"tiny": 30, "small": 10}  # --steps when not given; 10 for other presets
+CEILING = "fp32 matmul ceiling"
+
+
+def bench_preset(name: str, steps: int, mkl_logits: bool = False,
                  flash_attention: bool = False) -> list[dict]:
     config = preset(name)
     model = build_model(config, seed=0)
@@ -163,13 +169,16 @@ def bench_preset(name: str, steps: int, ceiling: float, mkl_logits: bool = False
             contenders["openk2, loss logits on MKL"] = step_fn(model, openk2_loss_mkl_logits)
         if flash_attention:
             contenders["openk2, flash attention"] = step_fn(model, openk2_loss_flash_attention)
+        contenders[CEILING] = matmul()
         times = rounds(contenders, steps)
+    ceiling = gflops_of_matmul(min(times.pop(CEILING)))
     rows = [{"impl": impl, "seconds": min(t), "median": statistics.median(t)} for impl, t in times.items()]
     one_dispatch = dispatch_step(model)
     dispatch = min(timed(one_dispatch) for _ in range(steps))
     tokens = BATCH * SEQ
     print(f"\n{name}: {param_counts(config)['total'] / 1e6:.1f}M parameters, "
           f"{flops / 1e9:.1f} GFLOP/step, batch {BATCH} x {SEQ}, {steps} alternating steps each")
+    print(f"fp32 matmul ceiling (2048^3, fastest of the same rounds): {ceiling:,.1f} GFLOP/s")
     print(f"{'implementation':<36}{'ms/step':>9}{'(median)':>10}{'tokens/s':>10}"
           f"{'GFLOP/s':>9}{'% ceiling':>11}")
     for row in rows:
@@ -187,8 +196,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--steps", type=int, default=10,
-                        help="alternating steps per side; the best and the median are reported")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="alternating steps per side (default: tiny 30, small 10); the best and the "
+                             "median are reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--mkl-logits", action="store_true",
                         help="also time openk2 with the loss's logits on MKL instead of oneDNN")
@@ -198,12 +208,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    ceiling = gflops_of_matmul(best_of({"mm": matmul()}, 5)["mm"])
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"fp32 matmul ceiling (2048^3): {ceiling:,.1f} GFLOP/s")
     for name in args.presets:
-        bench_preset(name, args.steps, ceiling, args.mkl_logits, args.flash_attention)
+        steps = args.steps or DEFAULT_ROUNDS.get(name, 10)
+        bench_preset(name, steps, args.mkl_logits, args.flash_attention)
 
 
 if __name__ == "__main__":
