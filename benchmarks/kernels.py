@@ -16,6 +16,10 @@
 - the fused LM-head loss (train/loss.py), forward + backward over 2,048 rows, by rows per chunk:
   the small preset's shape ([2,048 x 512] against a 32,768-token head) at 128 and 512 rows,
   the tiny preset's at 256 and 512 (timed per call, fewer rounds);
+- that loss's element-wise work on one 512-row chunk of float32 logits (tiny's 8,192 and
+  small's 32,768 columns): amax, shift, exp, sum and scale as five passes over the chunk (the
+  loss until 2026-12-01) against one in-place softmax (`torch.softmax(out=)`, now), each
+  after the same copy that restores its input;
 - Muon's bf16 passes on the small preset's shapes (per call): b A + c A^2 over the expert
   class's [336 x 256 x 256] Gram matrices as one baddbmm against a product plus an add, and the
   Nesterov input G + mu M of 14 expert tensors [16 x 256 x 512] written by an add straight into
@@ -183,6 +187,27 @@ def loss_chunk_contenders() -> dict:
                                         (8192, 256, 512))}
 
 
+def softmax_contenders() -> dict:
+    g = torch.Generator().manual_seed(0)
+    contenders = {}
+    for vocab in (8192, 32768):
+        source = torch.randn(512, vocab, generator=g) * 3
+        work = torch.empty_like(source)
+
+        def five_passes(source=source, work=work) -> None:
+            logits = work.copy_(source)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            probs.mul_(probs.sum(dim=-1, keepdim=True).reciprocal_())
+
+        def in_place(source=source, work=work) -> None:
+            torch.softmax(work.copy_(source), dim=-1, out=work)
+
+        contenders[f"softmax [512 x {vocab:,}]: five passes (before)"] = five_passes
+        contenders[f"softmax [512 x {vocab:,}]: in place (loss.py)"] = in_place
+    return contenders
+
+
 def muon_pass_contenders() -> dict:
     g = torch.Generator().manual_seed(0)
     a, b, c = muon.NS_COEFFICIENTS
@@ -254,7 +279,7 @@ def main() -> None:
     for name, seconds in {**train, **decode, **gemm, **core}.items():
         print(f"{name:<44}{seconds / CALLS * 1e6:>10,.1f} us per call")
     with torch.no_grad():
-        passes = best_of(muon_pass_contenders(), args.rounds)
+        passes = best_of({**softmax_contenders(), **muon_pass_contenders()}, args.rounds)
     losses = best_of(loss_chunk_contenders(), max(5, args.rounds // 2))
     for name, seconds in {**passes, **losses}.items():
         print(f"{name:<52}{seconds * 1e3:>10,.1f} ms per call")
