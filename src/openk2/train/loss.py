@@ -77,8 +77,10 @@ def _exact_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
                 lost: list[torch.Tensor]) -> torch.Tensor | float:
     """Summed loss of the rows flagged in `lost` (one mask per chunk), by log-sum-exp of their
     recomputed logits: only a diverging model has them, so one check per call, not per chunk."""
-    rows = torch.cat(lost).nonzero().squeeze(1) if lost else None
-    if rows is None or rows.numel() == 0:
+    if not lost:
+        return 0.0
+    rows = torch.cat(lost).nonzero().squeeze(1)
+    if rows.numel() == 0:
         return 0.0
     logits = _logits(hidden[rows], weight)
     return (logits.logsumexp(dim=-1) - logits.gather(1, targets[rows, None]).squeeze(1)).sum()
@@ -98,7 +100,7 @@ def _head_grads(probs: torch.Tensor, safe: torch.Tensor, row_scale: torch.Tensor
     scale = row_scale[:, None]
     out = grad_hidden[rows]
     torch.mm(d_cast, weight.to(h.dtype), out=out)
-    out.mul_(scale.to(out.dtype))
+    out.mul_(scale)  # in float32 even where out is bf16
     scaled_h = h.float() * scale
     if rows.start == 0:  # the first chunk writes the head gradient, the others add to it
         torch.mm(d_logits.T, scaled_h, out=grad_weight)
@@ -126,6 +128,7 @@ class _GradientsInForward(torch.autograd.Function):
             total += row_loss.sum()
             lost.append(chunk_lost)
             _head_grads(probs, safe, valid.float(), hidden[chunk], weight, grad_hidden, grad_weight, chunk)
+            del probs  # one chunk alive at a time: freed before the next chunk's logits exist
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.scaled = False
         return total + _exact_loss(hidden, weight, targets, lost)
@@ -161,6 +164,7 @@ class _GradientsRecomputed(torch.autograd.Function):
             probs, valid, safe, _, _ = _chunk_softmax(hidden[chunk], weight, targets[chunk])
             _head_grads(probs, safe, valid * grad_output.float(), hidden[chunk], weight, grad_hidden,
                         grad_weight, chunk)
+            del probs  # one chunk alive at a time
         return grad_hidden, grad_weight.to(weight.dtype), None
 
 

@@ -23,7 +23,7 @@ blocks), expert tensors split over ep ranks and then over edp_shard ranks. Per G
                runs in place) and, below fp32, its copy in the compute dtype; plus, unless the
                backward recomputes the logits (fewer tokens than the hidden size), the
                hidden-state gradient per token (a D) and the head gradient made in the forward
-               ((4 + a) V D: fp32, then compute dtype)
+               (4 V D in fp32, plus a V D for its copy in a lower compute dtype)
 
 Compute dtype: bf16 on GPUs (a = 2 B), fp32 on CPU (a = 4 B). Per token and layer, with D
 hidden, q/C the q/kv LoRA ranks, H heads of N+R query/key and V value dims, K routed experts of
@@ -130,11 +130,12 @@ def loss_bytes(c: ModelConfig, tokens: int, act: int, device_type: str) -> int:
     """Memory of the LM head's loss for one micro-batch (module docstring); the same with and
     without FSDP (train/distributed.py runs the fused loss inside the head's FSDP unit)."""
     V, D = c.vocab_size, c.hidden_size
-    # a chunk's float32 logits, softmax in place, plus its copy in the compute dtype
-    chunk = min(tokens, chunk_rows(V, device_type)) * V * (4 + (act if act < 4 else 0))
+    cast = act if act < 4 else 0  # below float32, a copy in the compute dtype
+    # one chunk at a time: its float32 logits (the softmax in place) and their cast
+    chunk = min(tokens, chunk_rows(V, device_type)) * V * (4 + cast)
     if recomputes(tokens, D):
         return chunk
-    return chunk + act * D * tokens + (4 + act) * V * D
+    return chunk + act * D * tokens + (4 + cast) * V * D
 
 
 def _unit_of(name: str) -> str:
