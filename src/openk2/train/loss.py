@@ -143,8 +143,8 @@ class _GradientsInForward(torch.autograd.Function):
                                "or pass recompute=True to make them in each backward.")
         ctx.scaled = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden.mul_(grad_output.to(grad_hidden.dtype)),
-                grad_weight.mul_(grad_output.to(grad_weight.dtype)), None)
+        # (the float32 scalar multiplies in float32 even where the gradients are bf16)
+        return grad_hidden.mul_(grad_output), grad_weight.mul_(grad_output), None
 
 
 class _GradientsRecomputed(torch.autograd.Function):
