@@ -80,15 +80,29 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights/experts [N, K], counts [E] -> [N, D]."""
+                counts: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, D], weights/experts [N, K], counts [E] -> [N, D]: the routed outputs added, in
+        place, into `into` (the shared expert's output: no zero fill and no separate sum), or
+        into zeros."""
         K = experts.shape[1]
         order = experts.flatten().argsort(stable=True)  # (token, expert) pairs sorted by expert
         token = order // K
         xs = x.index_select(0, token)  # [N*K, D]
         gate_weight = weights.flatten()[order, None].to(x.dtype)
         y = expert_swiglu(xs, gate_weight, self.gate_proj, self.up_proj, self.down_proj, counts.tolist())
-        return y.new_zeros(x.shape).index_add_(0, token, y)
+        return combine(y, token, x.shape, into)
+
+
+def combine(y: torch.Tensor, token: torch.Tensor, shape: torch.Size,
+            into: torch.Tensor | None) -> torch.Tensor:
+    """Routed outputs y [N*K, D] summed per token (`token` [N*K]) into `into` in place, or into
+    zeros of `shape`. Under autocast the shared expert's output may be in a lower precision than
+    y: then the sum is taken in the wider dtype, as `shared + routed` would."""
+    if into is None:
+        into = y.new_zeros(shape)
+    elif into.dtype != y.dtype:
+        into = into.to(torch.promote_types(into.dtype, y.dtype))
+    return into.index_add_(0, token, y.to(into.dtype))
 
 
 def expert_swiglu(xs: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
@@ -212,10 +226,8 @@ class MoE(nn.Module):
         if self.aux_loss_alpha > 0 and self.training:
             self.aux_loss = self.aux_loss_alpha * sequence_balance_loss(scores.view(B, T, -1),
                                                                         experts.view(B, T, -1))
-        out = self.experts(flat, weights, experts, counts)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(B, T, D)
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        return self.experts(flat, weights, experts, counts, into=shared).view(B, T, D)
 
     def reset_tokens_per_expert(self) -> None:
         self.tokens_per_expert.zero_()

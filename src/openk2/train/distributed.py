@@ -51,7 +51,7 @@ from torch import nn
 
 from openk2.config import ConfigError
 from openk2.model import MLP, Experts, MoE, build_model
-from openk2.model.moe import expert_swiglu
+from openk2.model.moe import combine, expert_swiglu
 from openk2.model.hf import CheckpointReader, check_tensor_shapes
 from openk2.model.init import NormalInit
 from openk2.model.norm import RMSNorm
@@ -238,7 +238,8 @@ class ExpertParallel(Experts):
             self.layout = (mesh.experts, 3)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                counts: torch.Tensor) -> torch.Tensor:
+                counts: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """As `Experts.forward`, the experts spread over the ep ranks."""
         N, D = x.shape
         K = experts.shape[1]
         order = experts.flatten().argsort(stable=True)
@@ -258,7 +259,7 @@ class ExpertParallel(Experts):
         y = expert_swiglu(xs, gate_weight, gate_w, up_w, down_w, recv.sum(0).tolist())
         y = y.index_select(0, by_expert.argsort())  # back to (source, expert) order
         returned = all_to_all(y, send_splits, recv_splits, self.group)  # [N*K, D], sorted by expert
-        return torch.zeros_like(x).index_add_(0, token, returned)
+        return combine(returned, token, x.shape, into)
 
     def global_view(self, local: torch.Tensor, name: str) -> torch.Tensor:
         """A tensor laid out like parameter `name` (the parameter or its optimizer state) as the
