@@ -12,7 +12,10 @@
   weight: a 1,024^3 product and the tiny LM-head loss's three products for one 512-row chunk;
 - one tiny layer's attention core, forward + backward with the max-logit statistic (8 x 4 heads
   x 256 tokens): the explicit CPU path against the fused kernel (v padded, statistic in its own
-  pass, q/k concatenated);
+  pass, q/k concatenated); and the softmax of its last row block ([32 x 64 x 256]) into a new
+  tensor against in place (the core's, since 2026-12-01);
+- one tiny MoE layer, forward + backward: the routed outputs added in place into the shared
+  expert's output (model/moe.py, since 2026-12-01) against summed into zeros and then added to it;
 - the fused LM-head loss (train/loss.py), forward + backward over 2,048 rows, by rows per chunk:
   the small preset's shape ([2,048 x 512] against a 32,768-token head) at 128 and 512 rows,
   the tiny preset's at 256 and 512 (timed per call, fewer rounds);
@@ -43,6 +46,7 @@ import openk2.optim.muon as muon
 import openk2.train.loss as loss_module
 from openk2 import preset
 from openk2.model import attention
+from openk2.model.moe import MoE
 from openk2.model import linear as onednn
 from openk2.model.norm import RMSNorm
 
@@ -168,6 +172,32 @@ def attention_contenders() -> dict:
             "attention core: fused kernel + statistic": step(False)}
 
 
+def block_softmax_contenders() -> dict:
+    source = torch.randn(32, 64, 256, generator=torch.Generator().manual_seed(0))
+    work = torch.empty_like(source)
+    return {"attention block softmax: new tensor": lambda: torch.softmax(work.copy_(source), dim=-1),
+            "attention block softmax: in place (core)": lambda: torch.softmax(work.copy_(source), dim=-1,
+                                                                              out=work)}
+
+
+def moe_combine_contenders() -> dict:
+    torch.manual_seed(0)
+    moe = MoE(preset("tiny"))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(8, 256, D, requires_grad=True)
+    grad = torch.randn(8, 256, D)
+
+    def into_zeros() -> None:  # the layer's forward as it was: zeros + index_add_, then + shared
+        flat = x.reshape(-1, D)
+        weights, experts, _ = moe.gate(flat)
+        counts = torch.bincount(experts.flatten(), minlength=E)
+        (moe.experts(flat, weights, experts, counts) + moe.shared_experts(flat)).view_as(x).backward(grad)
+
+    return {"moe layer fwd+bwd: routed into zeros, + shared": into_zeros,
+            "moe layer fwd+bwd: routed into shared (moe.py)": lambda: moe(x).backward(grad)}
+
+
 def loss_chunk_contenders() -> dict:
     g = torch.Generator().manual_seed(0)
 
@@ -276,12 +306,14 @@ def main() -> None:
     with torch.no_grad():
         gemm = best_of(repeated(gemm_contenders()), args.rounds)
     core = best_of(repeated(attention_contenders()), max(3, args.rounds // 3))
-    for name, seconds in {**train, **decode, **gemm, **core}.items():
+    blocks = best_of(repeated(block_softmax_contenders()), args.rounds)
+    for name, seconds in {**train, **decode, **gemm, **core, **blocks}.items():
         print(f"{name:<44}{seconds / CALLS * 1e6:>10,.1f} us per call")
     with torch.no_grad():
         passes = best_of({**softmax_contenders(), **muon_pass_contenders()}, args.rounds)
     losses = best_of(loss_chunk_contenders(), max(5, args.rounds // 2))
-    for name, seconds in {**passes, **losses}.items():
+    combine = best_of(moe_combine_contenders(), 2 * args.rounds)
+    for name, seconds in {**passes, **losses, **combine}.items():
         print(f"{name:<52}{seconds * 1e3:>10,.1f} ms per call")
     print("\n".join(newton_schulz_errors()))
 
