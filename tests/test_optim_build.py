@@ -4,6 +4,7 @@ schedules."""
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -210,3 +211,27 @@ def test_cosine_and_constant_schedules():
     assert [lr_at(cfg, s, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
     k2 = OptimConfig()  # K2: 500 warm-up steps, flat 2e-4, cosine to 2e-5 over the last 35 %
     assert lr_at(k2, 499, 10_000) == pytest.approx(2e-4) and lr_at(k2, 10_000, 10_000) == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(native, monkeypatch):
+    """bf16 Newton–Schulz or a bf16 forward on a CPU that multiplies bf16 through torch's slow
+    fallback: a warning naming the setting and the float32 fix; none where bf16 is native."""
+    from openk2.model import linear
+    from openk2.train.trainer import TrainSettings
+
+    monkeypatch.setattr(linear, "native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_optimizer(tiny_model(), OptimConfig(ns_dtype="bfloat16"))
+        sizes = dict(steps=1, batch_size=1, micro_batch_size=1, seq_len=8)
+        TrainSettings(**sizes, dtype="bfloat16")
+        build_optimizer(tiny_model(), OptimConfig())  # float32: never warns
+        TrainSettings(**sizes)
+    messages = [str(w.message) for w in caught if "native bf16" in str(w.message)]
+    if native:
+        assert messages == []
+    else:
+        assert len(messages) == 2
+        assert "optim.ns_dtype='bfloat16'" in messages[0] and "train.dtype='bfloat16'" in messages[1]
+        assert all("use 'float32'" in m for m in messages)

@@ -22,6 +22,7 @@ from torch import nn
 
 from openk2.config import ConfigError
 from openk2.model import Experts, MoE, Router
+from openk2.model.linear import warn_if_slow_bf16
 from openk2.model.norm import RMSNorm
 from openk2.optim.muon import Muon, dtype_from_name, is_dtensor, local_tensor
 from openk2.optim.qk_clip import qk_clip
@@ -194,6 +195,9 @@ class MuonClip:
         self.adamw = torch.optim.AdamW([{"params": adamw_params, "role": "adamw"}], lr=c.lr, betas=c.betas,
                                        eps=c.eps, weight_decay=c.weight_decay,
                                        **({"fused": True} if plain else {"foreach": True}))
+        on_cpu = bool(muon_params) and muon_params[0].device.type == "cpu"
+        if on_cpu and dtype_from_name(c.ns_dtype) == torch.bfloat16:
+            warn_if_slow_bf16("optim.ns_dtype='bfloat16'")
         self.params = muon_params + adamw_params
         self.steps = 0          # applied steps
         self.skipped_steps = 0

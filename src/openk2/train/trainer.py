@@ -24,6 +24,7 @@ import torch
 
 from openk2.config import ConfigError
 from openk2.model import K2ForCausalLM
+from openk2.model.linear import warn_if_slow_bf16
 from openk2.optim import build_optimizer, lr_at, OptimConfig
 from openk2.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from openk2.train.distributed import Mesh, clip_grad_norm_
@@ -57,6 +58,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"train.dtype={self.dtype!r}: use float32 or bfloat16")
+        if self.dtype == "bfloat16" and torch.device(self.device).type == "cpu":
+            warn_if_slow_bf16("train.dtype='bfloat16'")
 
     def autocast(self):
         """The forward's precision context: bf16 autocast, or nothing for float32."""
