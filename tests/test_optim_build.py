@@ -213,14 +213,14 @@ def test_cosine_and_constant_schedules():
     assert lr_at(k2, 499, 10_000) == pytest.approx(2e-4) and lr_at(k2, 10_000, 10_000) == pytest.approx(2e-5)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(native, monkeypatch):
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_fast_bf16_warns_and_names_the_fix(fast, monkeypatch):
     """bf16 Newton–Schulz or a bf16 forward on a CPU that multiplies bf16 through torch's slow
-    fallback: a warning naming the setting and the float32 fix; none where bf16 is native."""
+    fallback: a warning naming the setting and the float32 fix; none where bf16 is fast."""
     from openk2.model import linear
     from openk2.train.trainer import TrainSettings
 
-    monkeypatch.setattr(linear, "native_bf16", lambda: native)
+    monkeypatch.setattr(linear, "fast_bf16", lambda: fast)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         build_optimizer(tiny_model(), OptimConfig(ns_dtype="bfloat16"))
@@ -228,8 +228,8 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(native, monke
         TrainSettings(**sizes, dtype="bfloat16")
         build_optimizer(tiny_model(), OptimConfig())  # float32: never warns
         TrainSettings(**sizes)
-    messages = [str(w.message) for w in caught if "native bf16" in str(w.message)]
-    if native:
+    messages = [str(w.message) for w in caught if "slow fallback" in str(w.message)]
+    if fast:
         assert messages == []
     else:
         assert len(messages) == 2

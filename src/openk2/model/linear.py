@@ -38,9 +38,12 @@ def _probe() -> bool:
 AVAILABLE = _probe()
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without it torch runs bf16
-    products through a fallback 50-70x slower than float32 (seen on an AVX2 EPYC)."""
+def fast_bf16() -> bool:
+    """Whether torch's CPU bf16 products take oneDNN's path: torch asks for AVX-512 (BW, VL, DQ),
+    which runs bf16 natively where the CPU also has AVX-512 BF16 or AMX and by conversion
+    otherwise. Without it (an AVX2-only CPU) torch falls back to a path that ran bf16 products
+    56-70x slower than float32 on an AVX2 EPYC (`python benchmarks/optimizer_step.py` prints the
+    ratio)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -49,10 +52,10 @@ def native_bf16() -> bool:
 
 def warn_if_slow_bf16(setting: str) -> None:
     """A warning naming `setting` (e.g. "train.dtype='bfloat16'") when it asks for bf16 matmuls
-    on a CPU without native bf16."""
-    if not native_bf16():
-        warnings.warn(f"{setting} on a CPU without native bf16 matmuls (no AVX-512 BF16 or AMX): torch "
-                      "runs bf16 products 50-70x slower than float32 here; use 'float32' on this machine",
+    on a CPU where torch has no fast bf16 path (`fast_bf16`)."""
+    if not fast_bf16():
+        warnings.warn(f"{setting} on a CPU without AVX-512, where torch multiplies bf16 through a slow "
+                      "fallback (tens of times slower than float32); use 'float32' on this machine",
                       stacklevel=3)
 
 
@@ -67,7 +70,7 @@ def supports(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
     if dtype not in _DTYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return False
-    return dtype == torch.float32 or native_bf16()
+    return dtype == torch.float32 or fast_bf16()
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
