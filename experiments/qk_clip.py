@@ -13,12 +13,25 @@ Each head's max is recorded too, before and after the step (`StepProbe`), and su
 head (`head_drift`): how far one clipped head comes back above tau, against the largest of the
 heads clipped on a step, which is what `max_logit_after_step` reports.
 
+With `--parts-every N`, the clipped steps whose number N divides also split that drift by
+parameter group: the step's batch once more per group, with the weights from before the step
+except that group's, taken from after it (`PartsProbe`). The groups are the rows QK-Clip scales (q_b_proj and
+kv_b_proj, clip included), the low-rank projections before them (q_a_proj, kv_a_proj_with_mqa,
+which holds the shared rotary key), the norm gains before q and k, and everything else (the
+layers below, embeddings). The growths multiply to about the whole step's.
+
 At the end, the RMS of the final weights by the parts QK-Clip scales (each head's q-nope and
 q-rope rows, its k-nope rows) and the parts it leaves alone (v rows, the shared rotary key's
 rows of kv_a_proj, the norm gains before q and k), per layer, for both runs: where the clipped
 weights end up against Muon's update, whose elements have RMS ~0.2 lr.
 
-    python experiments/qk_clip.py --out runs/qk_clip [--tau 15] [--lr 0.02] [--steps 300]
+    python experiments/qk_clip.py --out runs/qk_clip [--tau 100] [--lr 0.01] [--steps 1000]
+        [--batch-size 4] [--parts-every 0]
+
+The defaults are the recipe of docs/LOG.md's QK-Clip result: the speedrun's tiny model at
+K2's tau = 100, a learning rate ~3x the speedrun's and no weight decay, so that plain Muon's
+max logit runs past 5 tau, over enough steps that the clip starts once the weights have grown
+(the update's drift shrinks with the weights it is measured against).
 """
 
 from __future__ import annotations
@@ -44,19 +57,23 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/qk_clip"))
     parser.add_argument("--recipe", default="recipes/speedrun.toml")
-    parser.add_argument("--tau", type=float, default=15.0)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--tau", type=float, default=100.0)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (one micro-batch)")
+    parser.add_argument("--parts-every", type=int, default=0,
+                        help="split the drift by parameter group on clipped steps whose number N divides")
     parser.add_argument("--set", dest="extra", action="append", default=[])
     args = parser.parse_args()
-    base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", "train.eval_every=50",
+    base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
+            f"train.micro_batch_size={args.batch_size}", "train.eval_every=50",
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
     # label -> (run folder, tau); the second is the clipped run
     setups = {"Muon (no clip)": ("muon", 0.0), f"MuonClip (tau={args.tau:g})": ("muonclip", args.tau)}
     runs = {label: run(args.out / folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
-                       on_step=StepProbe())
+                       on_step=PartsProbe(args.parts_every) if tau and args.parts_every else StepProbe())
             for label, (folder, tau) in setups.items()}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     summary = {}
     first_clip = _first_clip(runs[f"MuonClip (tau={args.tau:g})"])
     for label, records in runs.items():
@@ -76,12 +93,26 @@ def main() -> None:
             "after_step_max": max((r.get("max_logit_after_step", 0.0) for r in after_clip), default=None),
             "after_step_median": _median([r["max_logit_after_step"] for r in after_clip
                                           if "max_logit_after_step" in r]),
+            **within(after_clip, args.tau),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
             **head_drift(records, args.tau, clipped=setups[label][1] > 0, after=first_clip),
+            **drift_parts(records, args.tau),
         }
     left.axhline(args.tau, color="red", linestyle="--", label=f"tau = {args.tau:g}")
+    clipped = [r for r in runs[f"MuonClip (tau={args.tau:g})"] if r["step"] > first_clip]
+    steps = [r["step"] for r in clipped]
+    middle.plot(steps, [r["max_logit"] / args.tau for r in clipped], color="C1", alpha=0.5,
+                label="in the step's forward (a new batch), before its clip")
+    middle.plot(steps, [r["max_logit_after_step"] / args.tau for r in clipped], color="C3",
+                label="after the step (same batch): the update's drift")
+    middle.axhline(1.05, color="red", linestyle=":", label="1.05 tau")
+    middle.set_title(f"MuonClip after its first clip (step {first_clip})" if clipped
+                     else "MuonClip never clipped")
+    middle.set_xlabel("step")
+    middle.set_ylabel("max attention logit / tau")
+    middle.legend()
     left.set_yscale("log")
     left.set_xlabel("step")
     left.set_ylabel("max attention logit (before clipping)")
@@ -89,7 +120,7 @@ def main() -> None:
     right.set_xlabel("step")
     right.set_ylabel("training loss (EMA)")
     right.legend()
-    for ax in (left, right):
+    for ax in (left, middle, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / "qk_clip.png", dpi=110)
@@ -152,6 +183,79 @@ class StepProbe:
         record["max_logit_after_step"] = float(after.max())
         record["head_max_after"] = after.flatten().tolist()
         model.reset_stats()
+
+
+class PartsProbe(StepProbe):
+    """StepProbe that, on each step with a clip whose number `every` divides, also re-runs the
+    step's batch once per parameter group (PARTS) with the weights from before the step except
+    that group's, taken from after it, and records each head's max as `head_max_<group>`."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+        self.before: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def __call__(self, model, micro_batches, record: dict) -> None:
+        super().__call__(model, micro_batches, record)
+        params = list(model.parameters())
+        if (self.before is not None and record["clipped_heads"] and "head_max_before" in record
+                and record["step"] % self.every == 0):
+            after = [p.detach().clone() for p in params]
+            for part, members in parts(model).items():
+                for p, old, new in zip(params, self.before, after):
+                    p.copy_(new if id(p) in members else old)
+                model.reset_stats()
+                for tokens, _ in micro_batches:
+                    model.model(tokens[:, :-1])
+                record[f"head_max_{part}"] = self.original().float().flatten().tolist()
+            for p, new in zip(params, after):
+                p.copy_(new)
+            model.reset_stats()
+        self.before = [p.detach().clone() for p in params]
+
+
+PARTS = ("clipped_rows", "a_proj", "norm_gains", "rest")
+
+
+def parts(model) -> dict[str, set[int]]:
+    """Parameter ids by group: the rows QK-Clip scales live in the query and kv_b projections; the
+    low-rank projections before them; the norm gains before q and k; everything else."""
+    groups: dict[str, set[int]] = {part: set() for part in PARTS}
+    for attn in model.attention_layers():
+        groups["clipped_rows"] |= {id(attn.query_proj.weight), id(attn.kv_b_proj.weight)}
+        a_proj = [attn.kv_a_proj_with_mqa] + ([attn.q_a_proj] if hasattr(attn, "q_a_proj") else [])
+        groups["a_proj"] |= {id(p) for m in a_proj for p in m.parameters()}
+        norms = [attn.kv_a_layernorm] + ([attn.q_a_layernorm] if hasattr(attn, "q_a_layernorm") else [])
+        groups["norm_gains"] |= {id(p) for m in norms for p in m.parameters()}
+    owned = set().union(*groups.values())
+    groups["rest"] = {id(p) for p in model.parameters() if id(p) not in owned}
+    return groups
+
+
+def drift_parts(records: list[dict], tau: float) -> dict[str, float | None]:
+    """Median growth of a clipped head from each group's update alone (PartsProbe's steps): the
+    clipped rows' max / tau (their update and the clip), the other groups' max / the max before."""
+    rows = [r for r in records if "head_max_rest" in r]
+    if not rows:
+        return {}
+    out = {}
+    for part in PARTS:
+        growth = [new / (tau if part == "clipped_rows" else before) for r in rows
+                  for new, before in zip(r[f"head_max_{part}"], r["head_max_before"]) if before > tau]
+        out[f"part_growth_{part}_median"] = _median(growth)
+    return out
+
+
+def within(after_clip: list[dict], tau: float) -> dict[str, float | None]:
+    """After the first clip: the same-batch max over heads after each step, by quantile over
+    steps, and the share of steps on which it stays within 1.05 tau."""
+    values = [r["max_logit_after_step"] / tau for r in after_clip if "max_logit_after_step" in r]
+    if not values:
+        return {}
+    return {"after_step_over_tau_p90": _quantile(values, 0.9),
+            "after_step_over_tau_p99": _quantile(values, 0.99),
+            "steps_within_1.05_tau": sum(v <= 1.05 for v in values) / len(values)}
 
 
 def head_drift(records: list[dict], tau: float, clipped: bool, after: int) -> dict[str, float | None]:

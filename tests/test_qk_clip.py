@@ -257,3 +257,67 @@ def test_experiment_weight_scales_split_the_rows_qk_clip_owns(tmp_path):
     (parts,) = weight_scales(tmp_path)
     assert parts == pytest.approx({"q_nope": 1.0, "q_rope": 2.0, "k_nope": 3.0, "v": 4.0,
                                    "k_rope (kv_a_proj)": 5.0, "q_a_layernorm": 6.0, "kv_a_layernorm": 7.0})
+
+
+def test_experiment_parts_cover_every_parameter_once():
+    parts = qk_clip_experiment().parts
+    for q_lora in (True, False):
+        model = one_layer_model(q_lora=q_lora)
+        groups = parts(model)
+        attn = next(model.attention_layers())
+        ids = [i for members in groups.values() for i in members]
+        assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter in one group
+        assert id(attn.query_proj.weight) in groups["clipped_rows"]
+        assert id(attn.kv_a_proj_with_mqa.weight) in groups["a_proj"]
+        assert id(attn.kv_a_layernorm.weight) in groups["norm_gains"]
+        assert id(model.model.embed_tokens.weight) in groups["rest"]
+
+
+def test_experiment_parts_probe_puts_one_group_from_after_the_step():
+    """Between two calls, the query rows double: with only that group from after the step every
+    logit doubles, with any other group alone the maxima are the pre-step ones; the model keeps
+    the post-step weights."""
+    experiment = qk_clip_experiment()
+    model = one_layer_model(q_lora=True)
+    attn = next(model.attention_layers())
+    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    micro = [(tokens, None)]
+    probe = experiment.PartsProbe(every=1)
+    model.reset_stats()
+    model.model(tokens[:, :-1])  # the first step's forward
+    first = {"step": 1, "clipped_heads": 1}
+    probe(model, micro, first)  # takes over max_logits; no per-head record on the first step
+    before = torch.tensor(first["head_max_after"])
+    model.reset_stats()
+    model.model(tokens[:, :-1])  # the second step's forward reads the pre-step maxima
+    model.max_logits()
+    with torch.no_grad():
+        attn.query_proj.weight.mul_(2.0)  # the "update"
+    doubled = attn.query_proj.weight.detach().clone()
+    record = {"step": 2, "clipped_heads": 1}
+    probe(model, micro, record)
+    assert torch.tensor(record["head_max_before"]) == pytest.approx(before, rel=1e-5)
+    assert torch.tensor(record["head_max_after"]) == pytest.approx(2 * before, rel=1e-5)
+    assert torch.tensor(record["head_max_clipped_rows"]) == pytest.approx(2 * before, rel=1e-5)
+    for part in ("a_proj", "norm_gains", "rest"):
+        assert torch.tensor(record[f"head_max_{part}"]) == pytest.approx(before, rel=1e-5)
+    assert torch.equal(attn.query_proj.weight, doubled)
+    skipped = {"step": 3, "clipped_heads": 0}  # no clip on this step: no split
+    probe(model, micro, skipped)
+    assert "head_max_rest" not in skipped
+
+
+def test_experiment_drift_parts_and_within_read_clipped_heads():
+    experiment = qk_clip_experiment()
+    records = [{"step": 2, "head_max_before": [12.0, 5.0], "head_max_clipped_rows": [10.2, 5.0],
+                "head_max_a_proj": [12.6, 9.0], "head_max_norm_gains": [12.0, 5.0],
+                "head_max_rest": [11.4, 5.0], "max_logit_after_step": 10.4},
+               {"step": 3, "max_logit_after_step": 10.6}]
+    parts = experiment.drift_parts(records, tau=10.0)
+    assert parts["part_growth_clipped_rows_median"] == pytest.approx(1.02)  # head 0 only: 10.2 / tau
+    assert parts["part_growth_a_proj_median"] == pytest.approx(1.05)  # 12.6 / 12
+    assert parts["part_growth_rest_median"] == pytest.approx(0.95)
+    assert experiment.drift_parts([{"step": 2}], tau=10.0) == {}
+    within = experiment.within(records, tau=10.0)
+    assert within["steps_within_1.05_tau"] == 0.5
+    assert within["after_step_over_tau_p99"] == pytest.approx(1.06)
