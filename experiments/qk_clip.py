@@ -93,7 +93,7 @@ def main() -> None:
             "after_step_max": max((r.get("max_logit_after_step", 0.0) for r in after_clip), default=None),
             "after_step_median": _median([r["max_logit_after_step"] for r in after_clip
                                           if "max_logit_after_step" in r]),
-            **within(after_clip, args.tau),
+            **after_step_quantiles(after_clip, args.tau),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
@@ -247,7 +247,7 @@ def drift_parts(records: list[dict], tau: float) -> dict[str, float | None]:
     return out
 
 
-def within(after_clip: list[dict], tau: float) -> dict[str, float | None]:
+def after_step_quantiles(after_clip: list[dict], tau: float) -> dict[str, float | None]:
     """After the first clip: the same-batch max over heads after each step, by quantile over
     steps, and the share of steps on which it stays within 1.05 tau."""
     values = [r["max_logit_after_step"] / tau for r in after_clip if "max_logit_after_step" in r]

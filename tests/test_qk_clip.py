@@ -307,7 +307,7 @@ def test_experiment_parts_probe_puts_one_group_from_after_the_step():
     assert "head_max_rest" not in skipped
 
 
-def test_experiment_drift_parts_and_within_read_clipped_heads():
+def test_experiment_drift_parts_and_after_step_quantiles():
     experiment = qk_clip_experiment()
     records = [{"step": 2, "head_max_before": [12.0, 5.0], "head_max_clipped_rows": [10.2, 5.0],
                 "head_max_a_proj": [12.6, 9.0], "head_max_norm_gains": [12.0, 5.0],
@@ -318,6 +318,6 @@ def test_experiment_drift_parts_and_within_read_clipped_heads():
     assert parts["part_growth_a_proj_median"] == pytest.approx(1.05)  # 12.6 / 12
     assert parts["part_growth_rest_median"] == pytest.approx(0.95)
     assert experiment.drift_parts([{"step": 2}], tau=10.0) == {}
-    within = experiment.within(records, tau=10.0)
+    within = experiment.after_step_quantiles(records, tau=10.0)
     assert within["steps_within_1.05_tau"] == 0.5
     assert within["after_step_over_tau_p99"] == pytest.approx(1.06)
