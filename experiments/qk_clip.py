@@ -26,7 +26,10 @@ rows of kv_a_proj, the norm gains before q and k), per layer, for both runs: whe
 weights end up against Muon's update, whose elements have RMS ~0.2 lr.
 
     python experiments/qk_clip.py --out runs/qk_clip [--tau 100] [--lr 0.01] [--steps 1000]
-        [--batch-size 4] [--parts-every 0]
+        [--batch-size 4] [--parts-every 0] [--plain runs/other/muon]
+
+`--plain` reuses a finished plain-Muon run of this script (another tau on the same recipe needs
+only the MuonClip run); it must have been trained with the recipe this one would train.
 
 The defaults are the recipe of docs/LOG.md's QK-Clip result: the speedrun's tiny model at
 K2's tau = 100, a learning rate ~3x the speedrun's and no weight decay, so that plain Muon's
@@ -37,6 +40,7 @@ max logit runs past 5 tau, over enough steps that the clip starts once the weigh
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
@@ -50,6 +54,8 @@ from common import dump, run  # noqa: E402
 
 from openk2 import load_model  # noqa: E402
 from openk2.eval.report import smooth  # noqa: E402
+from openk2.recipe import load_recipe  # noqa: E402
+from openk2.train.metrics import read_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -63,14 +69,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step (one micro-batch)")
     parser.add_argument("--parts-every", type=int, default=0,
                         help="split the drift by parameter group on clipped steps whose number N divides")
+    parser.add_argument("--plain", type=Path, default=None,
+                        help="a finished plain-Muon run of this script to reuse instead of training one")
     parser.add_argument("--set", dest="extra", action="append", default=[])
     args = parser.parse_args()
     base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"train.micro_batch_size={args.batch_size}", "train.eval_every=50",
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
+    plain = args.out / "muon"
+    if args.plain is not None:
+        plain = check_plain_run(args.plain, load_recipe(args.recipe, base + ["optim.qk_clip_tau=0"]))
     # label -> (run folder, tau); the second is the clipped run
-    setups = {"Muon (no clip)": ("muon", 0.0), f"MuonClip (tau={args.tau:g})": ("muonclip", args.tau)}
-    runs = {label: run(args.out / folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
+    setups = {"Muon (no clip)": (plain, 0.0),
+              f"MuonClip (tau={args.tau:g})": (args.out / "muonclip", args.tau)}
+    runs = {label: run(folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
                        on_step=PartsProbe(args.parts_every) if tau and args.parts_every else StepProbe())
             for label, (folder, tau) in setups.items()}
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
@@ -124,7 +136,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / "qk_clip.png", dpi=110)
-    scales = {label: weight_scales(args.out / folder / "final") for label, (folder, _) in setups.items()}
+    scales = {label: weight_scales(folder / "final") for label, (folder, _) in setups.items()}
     dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary, "weight_rms": scales})
     for label, values in summary.items():
         print(label, values)
@@ -132,6 +144,26 @@ def main() -> None:
         print(f"{label}: final weight RMS per layer (mean over heads)")
         for i, parts in enumerate(layers):
             print(f"  layer {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+
+
+def check_plain_run(folder: Path, recipe: dict) -> Path:
+    """`--plain FOLDER`: a finished run of this script whose recipe.json is `recipe` (with tau 0),
+    so that its curves compare with the MuonClip run; anything else stops with what differs."""
+    if not (folder / "summary.json").is_file() or not (folder / "recipe.json").is_file():
+        raise SystemExit(f"--plain {folder}: no finished run there (summary.json or recipe.json is missing); "
+                         "let that run finish, or drop --plain to train plain Muon here")
+    saved = json.loads((folder / "recipe.json").read_text())
+    wanted = json.loads(json.dumps(recipe))  # the types recipe.json holds (lists, not tuples)
+    changed = [f"{section}.{key}={saved.get(section, {}).get(key)!r} (here {value!r})"
+               for section, values in wanted.items() for key, value in values.items()
+               if saved.get(section, {}).get(key) != value]
+    if changed:
+        raise SystemExit(f"--plain {folder}: trained with {', '.join(changed)}; pass the options it ran with "
+                         "(--lr, --steps, --batch-size, --set) or drop --plain")
+    if not any("max_logit_after_step" in record for record in read_metrics(folder / "metrics.jsonl")):
+        raise SystemExit(f"--plain {folder}: its metrics hold no after-step probe (not a run of this "
+                         "script); drop --plain to train plain Muon here")
+    return folder
 
 
 @torch.no_grad()

@@ -321,3 +321,28 @@ def test_experiment_drift_parts_and_after_step_quantiles():
     within = experiment.after_step_quantiles(records, tau=10.0)
     assert within["steps_within_1.05_tau"] == 0.5
     assert within["after_step_over_tau_p99"] == pytest.approx(1.06)
+
+
+def test_experiment_plain_run_is_reused_only_when_it_matches(tmp_path):
+    """experiments/qk_clip.py --plain: a finished run of the same recipe, or a clear stop."""
+    import json
+    from pathlib import Path
+
+    from openk2.recipe import load_recipe
+
+    check_plain_run = qk_clip_experiment().check_plain_run
+    speedrun = Path(__file__).resolve().parents[1] / "recipes" / "speedrun.toml"
+    recipe = load_recipe(speedrun, ["optim.lr=0.01", "optim.qk_clip_tau=0"])
+    with pytest.raises(SystemExit, match="no finished run"):
+        check_plain_run(tmp_path, recipe)
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "recipe.json").write_text(json.dumps(load_recipe(speedrun, ["optim.lr=0.02"])))
+    with pytest.raises(SystemExit, match=r"optim\.lr=0\.02 \(here 0\.01\)"):
+        check_plain_run(tmp_path, recipe)
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0, "max_logit": 9.0}) + "\n")
+    with pytest.raises(SystemExit, match="no after-step probe"):
+        check_plain_run(tmp_path, recipe)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "loss": 4.9, "max_logit": 9.5, "max_logit_after_step": 9.6}) + "\n")
+    assert check_plain_run(tmp_path, recipe) == tmp_path
