@@ -54,7 +54,7 @@ from common import dump, run  # noqa: E402
 
 from openk2 import load_model  # noqa: E402
 from openk2.eval.report import smooth  # noqa: E402
-from openk2.recipe import load_recipe  # noqa: E402
+from openk2.recipe import load_recipe, recipe_changes  # noqa: E402
 from openk2.train.metrics import read_metrics  # noqa: E402
 
 
@@ -153,13 +153,11 @@ def check_plain_run(folder: Path, recipe: dict) -> Path:
         raise SystemExit(f"--plain {folder}: no finished run there (summary.json or recipe.json is missing); "
                          "let that run finish, or drop --plain to train plain Muon here")
     saved = json.loads((folder / "recipe.json").read_text())
-    wanted = json.loads(json.dumps(recipe))  # the types recipe.json holds (lists, not tuples)
-    changed = [f"{section}.{key}={saved.get(section, {}).get(key)!r} (here {value!r})"
-               for section, values in wanted.items() for key, value in values.items()
-               if saved.get(section, {}).get(key) != value]
+    # compared in the types recipe.json holds (lists, not tuples)
+    changed = recipe_changes(saved, json.loads(json.dumps(recipe)))
     if changed:
-        raise SystemExit(f"--plain {folder}: trained with {', '.join(changed)}; pass the options it ran with "
-                         "(--lr, --steps, --batch-size, --set) or drop --plain")
+        raise SystemExit(f"--plain {folder}: trained with {', '.join(changed)}; pass the options it ran "
+                         "with (--lr, --steps, --batch-size, --set) or drop --plain")
     if not any("max_logit_after_step" in record for record in read_metrics(folder / "metrics.jsonl")):
         raise SystemExit(f"--plain {folder}: its metrics hold no after-step probe (not a run of this "
                          "script); drop --plain to train plain Muon here")

@@ -337,7 +337,7 @@ def test_experiment_plain_run_is_reused_only_when_it_matches(tmp_path):
         check_plain_run(tmp_path, recipe)
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "recipe.json").write_text(json.dumps(load_recipe(speedrun, ["optim.lr=0.02"])))
-    with pytest.raises(SystemExit, match=r"optim\.lr=0\.02 \(here 0\.01\)"):
+    with pytest.raises(SystemExit, match=r"optim\.lr=0\.02 \(now 0\.01\)"):
         check_plain_run(tmp_path, recipe)
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0, "max_logit": 9.0}) + "\n")

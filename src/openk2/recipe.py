@@ -145,3 +145,15 @@ def _same_kind(default: Any, value: Any) -> bool:
 def model_overrides(recipe: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """[model] keys other than preset/init_from: ModelConfig field overrides."""
     return {k: v for k, v in recipe["model"].items() if k not in DEFAULTS["model"]}
+
+
+def recipe_changes(saved: dict[str, Any], recipe: dict[str, dict[str, Any]],
+                   sections: tuple[str, ...] | None = None) -> list[str]:
+    """`section.key=saved (now new)` for every setting in which `recipe` differs from `saved` (a
+    run's recipe.json), over `sections` (all of the recipe's by default)."""
+    changes = []
+    for section in sections or tuple(recipe):
+        old, new = saved.get(section) or {}, recipe.get(section) or {}
+        changes += [f"{section}.{key}={old.get(key)!r} (now {new.get(key)!r})"
+                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return changes

@@ -26,7 +26,7 @@ from openk2.data.tokenizer import K2Tokenizer, train_tokenizer
 from openk2.model import K2ForCausalLM, build_model, load_model, save_model
 from openk2.model.hf import save_state
 from openk2.optim import OptimConfig
-from openk2.recipe import model_overrides
+from openk2.recipe import model_overrides, recipe_changes
 from openk2.train import distributed
 from openk2.train.checkpoint import refuse_existing_run
 from openk2.train.trainer import TrainSettings, train
@@ -125,12 +125,11 @@ def check_resumable(recipe: dict, saved_path: Path) -> None:
     if not saved_path.is_file():
         return
     try:
-        saved = json.loads(saved_path.read_text())["model"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        saved = json.loads(saved_path.read_text())
+        changed = recipe_changes({"model": dict(saved["model"])}, recipe, sections=("model",))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise ConfigError(f"{saved_path}: unreadable, so --resume cannot check the model settings; "
                           "restore it or start a new --out") from None
-    changed = [f"model.{k}={saved.get(k)!r} (now {recipe['model'].get(k)!r})"
-               for k in sorted(set(saved) | set(recipe["model"])) if saved.get(k) != recipe["model"].get(k)]
     if changed:
         raise ConfigError(f"--resume: this run's checkpoints were trained with {', '.join(changed)}; resume "
                           f"with the model settings of {saved_path}, or train the new model in a new --out")
