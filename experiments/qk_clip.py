@@ -106,6 +106,9 @@ def main() -> None:
             "after_step_median": _median([r["max_logit_after_step"] for r in after_clip
                                           if "max_logit_after_step" in r]),
             **after_step_quantiles(after_clip, args.tau),
+            "first_step_past_5_tau": next((r["step"] for r in records if r["max_logit"] > 5 * args.tau),
+                                          None),
+            "steps_past_1.05_tau": tail_steps(after_clip, args.tau),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
@@ -206,19 +209,25 @@ class StepProbe:
             self.original, model.max_logits = model.max_logits, self._keep
         elif self.read is not None:
             record["head_max_before"] = self.read.float().flatten().tolist()
+        after = self.rerun(model, micro_batches)
+        record["max_logit_after_step"] = float(after.max())
+        record["head_max_after"] = after.flatten().tolist()
+
+    def rerun(self, model, micro_batches) -> torch.Tensor:
+        """Each head's max logit on the step's micro-batches with the model's current weights."""
         model.reset_stats()
         for tokens, _ in micro_batches:
             model.model(tokens[:, :-1])
-        after = self.original().float()
-        record["max_logit_after_step"] = float(after.max())
-        record["head_max_after"] = after.flatten().tolist()
+        maxima = self.original().float()
         model.reset_stats()
+        return maxima
 
 
 class PartsProbe(StepProbe):
     """StepProbe that, on each step with a clip whose number `every` divides, also re-runs the
     step's batch once per parameter group (PARTS) with the weights from before the step except
-    that group's, taken from after it, and records each head's max as `head_max_<group>`."""
+    that group's, taken from after it, and records each head's max as `head_max_<group>`. The
+    weights from before a step are kept only when that step's number `every` divides."""
 
     def __init__(self, every: int) -> None:
         super().__init__()
@@ -235,14 +244,11 @@ class PartsProbe(StepProbe):
             for part, members in parts(model).items():
                 for p, old, new in zip(params, self.before, after):
                     p.copy_(new if id(p) in members else old)
-                model.reset_stats()
-                for tokens, _ in micro_batches:
-                    model.model(tokens[:, :-1])
-                record[f"head_max_{part}"] = self.original().float().flatten().tolist()
+                record[f"head_max_{part}"] = self.rerun(model, micro_batches).flatten().tolist()
             for p, new in zip(params, after):
                 p.copy_(new)
-            model.reset_stats()
-        self.before = [p.detach().clone() for p in params]
+        split_next = (record["step"] + 1) % self.every == 0
+        self.before = [p.detach().clone() for p in params] if split_next else None
 
 
 PARTS = ("clipped_rows", "a_proj", "norm_gains", "rest")
@@ -286,6 +292,22 @@ def after_step_quantiles(after_clip: list[dict], tau: float) -> dict[str, float 
     return {"after_step_over_tau_p90": _quantile(values, 0.9),
             "after_step_over_tau_p99": _quantile(values, 0.99),
             "steps_within_1.05_tau": sum(v <= 1.05 for v in values) / len(values)}
+
+
+def tail_steps(after_clip: list[dict], tau: float, limit: float = 1.05) -> list[dict]:
+    """The steps whose same-batch max after the step passes `limit` tau: the head that does, its
+    max in the step's own forward (what the clip read) and after the step, over tau, and the
+    growth its update gave it (after / tau for a clipped head, after / before for one that was not)."""
+    out = []
+    for r in after_clip:
+        after, before = r.get("head_max_after"), r.get("head_max_before")
+        if after is None or before is None:
+            continue
+        head = max(range(len(after)), key=after.__getitem__)
+        if after[head] > limit * tau:
+            out.append({"step": r["step"], "lr": r["lr"], "head": head, "before_over_tau": before[head] / tau,
+                        "after_over_tau": after[head] / tau, "growth": after[head] / min(before[head], tau)})
+    return out
 
 
 def head_drift(records: list[dict], tau: float, clipped: bool, after: int) -> dict[str, float | None]:

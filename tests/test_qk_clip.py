@@ -346,3 +346,17 @@ def test_experiment_plain_run_is_reused_only_when_it_matches(tmp_path):
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 2, "loss": 4.9, "max_logit": 9.5, "max_logit_after_step": 9.6}) + "\n")
     assert check_plain_run(tmp_path, recipe) == tmp_path
+
+
+def test_experiment_tail_steps_name_the_head_and_its_update():
+    tail_steps = qk_clip_experiment().tail_steps
+    records = [{"step": 5, "lr": 0.01, "head_max_before": [10.2, 3.0], "head_max_after": [10.4, 3.0]},
+               {"step": 6, "lr": 0.01, "head_max_before": [10.1, 9.0], "head_max_after": [10.6, 10.8]},
+               {"step": 7, "lr": 0.01, "head_max_before": [11.0, 3.0], "head_max_after": [10.7, 3.0]},
+               {"step": 8, "lr": 0.01, "max_logit_after_step": 12.0}]  # no per-head record
+    unclipped, clipped = tail_steps(records, tau=10.0)
+    assert (unclipped["step"], unclipped["head"]) == (6, 1)
+    assert unclipped["growth"] == pytest.approx(1.2)  # not clipped: after / before
+    assert (clipped["step"], clipped["head"]) == (7, 0)
+    assert clipped["growth"] == pytest.approx(1.07)  # clipped: after / tau
+    assert clipped["before_over_tau"] == pytest.approx(1.1)
