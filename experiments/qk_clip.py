@@ -108,6 +108,7 @@ def main() -> None:
             **after_step_quantiles(after_clip, args.tau),
             "first_step_past_5_tau": next((r["step"] for r in records if r["max_logit"] > 5 * args.tau),
                                           None),
+            "runaway_lr2": runaway_lr2(records, args.tau),
             "steps_past_1.05_tau": tail_steps(after_clip, args.tau),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
             "final_loss": records[-1]["loss"],
@@ -308,6 +309,22 @@ def tail_steps(after_clip: list[dict], tau: float, limit: float = 1.05) -> list[
             out.append({"step": r["step"], "lr": r["lr"], "head": head, "before_over_tau": before[head] / tau,
                         "after_over_tau": after[head] / tau, "growth": after[head] / min(before[head], tau)})
     return out
+
+
+def runaway_lr2(records: list[dict], tau: float) -> float | None:
+    """The sum of lr^2 over the steps from the first whose max logit passes tau to the first that
+    passes 5 tau (None if none does): how much training the runaway takes, in the unit in which
+    it came out about the same at every learning rate tried (docs/LOG.md), so that a run at a
+    lower lr needs ~1/lr^2 as many steps to show it."""
+    start = next((i for i, r in enumerate(records) if r["max_logit"] > tau), None)
+    if start is None:
+        return None
+    total = 0.0
+    for r in records[start:]:
+        total += r["lr"] ** 2
+        if r["max_logit"] > 5 * tau:
+            return total
+    return None
 
 
 def head_drift(records: list[dict], tau: float, clipped: bool, after: int) -> dict[str, float | None]:

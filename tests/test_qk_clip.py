@@ -360,3 +360,12 @@ def test_experiment_tail_steps_name_the_head_and_its_update():
     assert (clipped["step"], clipped["head"]) == (7, 0)
     assert clipped["growth"] == pytest.approx(1.07)  # clipped: after / tau
     assert clipped["before_over_tau"] == pytest.approx(1.1)
+
+
+def test_experiment_runaway_lr2_sums_from_tau_to_five_tau():
+    runaway_lr2 = qk_clip_experiment().runaway_lr2
+    logits = [5.0, 11.0, 30.0, 49.0, 51.0, 60.0]
+    records = [{"step": i + 1, "lr": 0.1 * (i + 1), "max_logit": m} for i, m in enumerate(logits)]
+    assert runaway_lr2(records, tau=10.0) == pytest.approx(0.2 ** 2 + 0.3 ** 2 + 0.4 ** 2 + 0.5 ** 2)
+    assert runaway_lr2(records[:4], tau=10.0) is None  # never past 5 tau
+    assert runaway_lr2(records[:1], tau=10.0) is None  # never past tau
