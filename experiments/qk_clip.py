@@ -286,13 +286,18 @@ def drift_parts(records: list[dict], tau: float) -> dict[str, float | None]:
 
 def after_step_quantiles(after_clip: list[dict], tau: float) -> dict[str, float | None]:
     """After the first clip: the same-batch max over heads after each step, by quantile over
-    steps, and the share of steps on which it stays within 1.05 tau."""
-    values = [r["max_logit_after_step"] / tau for r in after_clip if "max_logit_after_step" in r]
-    if not values:
+    steps, the share of steps on which it stays within 1.05 tau, how many pass 1.03 tau, and how
+    many of the steps ran at the peak lr (where the tail comes from)."""
+    probed = [r for r in after_clip if "max_logit_after_step" in r]
+    if not probed:
         return {}
+    values = [r["max_logit_after_step"] / tau for r in probed]
+    peak = max(r["lr"] for r in probed)
     return {"after_step_over_tau_p90": _quantile(values, 0.9),
             "after_step_over_tau_p99": _quantile(values, 0.99),
-            "steps_within_1.05_tau": sum(v <= 1.05 for v in values) / len(values)}
+            "steps_within_1.05_tau": sum(v <= 1.05 for v in values) / len(values),
+            "steps_past_1.03_tau": sum(v > 1.03 for v in values),
+            "steps_at_peak_lr": sum(r["lr"] >= peak * (1 - 1e-6) for r in probed)}
 
 
 def tail_steps(after_clip: list[dict], tau: float, limit: float = 1.05) -> list[dict]:

@@ -311,8 +311,8 @@ def test_experiment_drift_parts_and_after_step_quantiles():
     experiment = qk_clip_experiment()
     records = [{"step": 2, "head_max_before": [12.0, 5.0], "head_max_clipped_rows": [10.2, 5.0],
                 "head_max_a_proj": [12.6, 9.0], "head_max_norm_gains": [12.0, 5.0],
-                "head_max_rest": [11.4, 5.0], "max_logit_after_step": 10.4},
-               {"step": 3, "max_logit_after_step": 10.6}]
+                "head_max_rest": [11.4, 5.0], "max_logit_after_step": 10.4, "lr": 0.01},
+               {"step": 3, "max_logit_after_step": 10.6, "lr": 0.008}]
     parts = experiment.drift_parts(records, tau=10.0)
     assert parts["part_growth_clipped_rows_median"] == pytest.approx(1.02)  # head 0 only: 10.2 / tau
     assert parts["part_growth_a_proj_median"] == pytest.approx(1.05)  # 12.6 / 12
@@ -321,6 +321,7 @@ def test_experiment_drift_parts_and_after_step_quantiles():
     within = experiment.after_step_quantiles(records, tau=10.0)
     assert within["steps_within_1.05_tau"] == 0.5
     assert within["after_step_over_tau_p99"] == pytest.approx(1.06)
+    assert (within["steps_past_1.03_tau"], within["steps_at_peak_lr"]) == (2, 1)
 
 
 def test_experiment_plain_run_is_reused_only_when_it_matches(tmp_path):
