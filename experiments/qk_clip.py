@@ -318,9 +318,9 @@ def tail_steps(after_clip: list[dict], tau: float, limit: float = 1.05) -> list[
 
 def runaway_lr2(records: list[dict], tau: float) -> float | None:
     """The sum of lr^2 over the steps from the first whose max logit passes tau to the first that
-    passes 5 tau (None if none does): how much training the runaway takes, in the unit in which
-    it came out about the same at every learning rate tried (docs/LOG.md), so that a run at a
-    lower lr needs ~1/lr^2 as many steps to show it."""
+    passes 5 tau (None if none does): how much training the runaway takes. It came out about the
+    same at lr 0.007-0.01 (docs/LOG.md), so the runaway's length in steps goes as 1/lr^2 there;
+    at lr 0.005 it takes more."""
     start = next((i for i, r in enumerate(records) if r["max_logit"] > tau), None)
     if start is None:
         return None
