@@ -106,8 +106,7 @@ def main() -> None:
             "after_step_median": _median([r["max_logit_after_step"] for r in after_clip
                                           if "max_logit_after_step" in r]),
             **after_step_quantiles(after_clip, args.tau),
-            "first_step_past_5_tau": next((r["step"] for r in records if r["max_logit"] > 5 * args.tau),
-                                          None),
+            "first_step_past_5_tau": _step_at(records, _first_past(records, 5 * args.tau)),
             "runaway_lr2": runaway_lr2(records, args.tau),
             "steps_past_1.05_tau": tail_steps(after_clip, args.tau),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
@@ -321,15 +320,19 @@ def runaway_lr2(records: list[dict], tau: float) -> float | None:
     passes 5 tau (None if none does): how much training the runaway takes. It came out about the
     same at lr 0.007-0.01 (docs/LOG.md), so the runaway's length in steps goes as 1/lr^2 there;
     at lr 0.005 it takes more."""
-    start = next((i for i, r in enumerate(records) if r["max_logit"] > tau), None)
-    if start is None:
+    start, end = _first_past(records, tau), _first_past(records, 5 * tau)
+    if start is None or end is None:
         return None
-    total = 0.0
-    for r in records[start:]:
-        total += r["lr"] ** 2
-        if r["max_logit"] > 5 * tau:
-            return total
-    return None
+    return sum(r["lr"] ** 2 for r in records[start:end + 1])
+
+
+def _first_past(records: list[dict], level: float) -> int | None:
+    """Index of the first record whose max logit (before clipping) passes `level`."""
+    return next((i for i, r in enumerate(records) if r["max_logit"] > level), None)
+
+
+def _step_at(records: list[dict], index: int | None) -> int | None:
+    return None if index is None else records[index]["step"]
 
 
 def head_drift(records: list[dict], tau: float, clipped: bool, after: int) -> dict[str, float | None]:
