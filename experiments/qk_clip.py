@@ -26,10 +26,15 @@ rows of kv_a_proj, the norm gains before q and k), per layer, for both runs: whe
 weights end up against Muon's update, whose elements have RMS ~0.2 lr.
 
     python experiments/qk_clip.py --out runs/qk_clip [--tau 100] [--lr 0.01] [--steps 1000]
-        [--batch-size 4] [--parts-every 0] [--plain runs/other/muon]
+        [--batch-size 4] [--parts-every 0] [--plain runs/other/muon] [--summarise]
 
 `--plain` reuses a finished plain-Muon run of this script (another tau on the same recipe needs
 only the MuonClip run); it must have been trained with the recipe this one would train.
+
+`--summarise` trains nothing: it reads the two runs' metrics.jsonl as they stand, finished or
+stopped part-way, and writes the plot and qk_clip.json from them (each run's `last_step`; the
+weight RMS only for finished runs). The validation loss of both runs is compared at the last
+step both evaluated (`val_at_common_step`), so that runs stopped at different steps compare.
 
 The defaults are the recipe of docs/LOG.md's QK-Clip result: the speedrun's tiny model at
 K2's tau = 100, a learning rate ~3x the speedrun's and no weight decay, so that plain Muon's
@@ -71,6 +76,8 @@ def main() -> None:
                         help="split the drift by parameter group on clipped steps whose number N divides")
     parser.add_argument("--plain", type=Path, default=None,
                         help="a finished plain-Muon run of this script to reuse instead of training one")
+    parser.add_argument("--summarise", action="store_true",
+                        help="train nothing; report on the runs in --out as they stand (finished or stopped)")
     parser.add_argument("--set", dest="extra", action="append", default=[])
     args = parser.parse_args()
     base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
@@ -78,13 +85,17 @@ def main() -> None:
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
     plain = args.out / "muon"
     if args.plain is not None:
-        plain = check_plain_run(args.plain, load_recipe(args.recipe, base + ["optim.qk_clip_tau=0"]))
+        plain = check_plain_run(args.plain, load_recipe(args.recipe, base + ["optim.qk_clip_tau=0"]),
+                                finished=not args.summarise)
     # label -> (run folder, tau); the second is the clipped run
     setups = {"Muon (no clip)": (plain, 0.0),
               f"MuonClip (tau={args.tau:g})": (args.out / "muonclip", args.tau)}
-    runs = {label: run(folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
-                       on_step=PartsProbe(args.parts_every) if tau and args.parts_every else StepProbe())
-            for label, (folder, tau) in setups.items()}
+    if args.summarise:
+        runs = {label: recorded_run(folder) for label, (folder, _) in setups.items()}
+    else:
+        runs = {label: run(folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
+                           on_step=PartsProbe(args.parts_every) if tau and args.parts_every else StepProbe())
+                for label, (folder, tau) in setups.items()}
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
     summary = {}
     first_clip = _first_clip(runs[f"MuonClip (tau={args.tau:g})"])
@@ -110,6 +121,7 @@ def main() -> None:
             "runaway_lr2": runaway_lr2(records, args.tau),
             "steps_past_1.05_tau": tail_steps(after_clip, args.tau),
             "clipped_steps": sum(1 for r in records if r["clipped_heads"]),
+            "last_step": records[-1]["step"],
             "final_loss": records[-1]["loss"],
             "final_val_loss": vals[-1] if vals else None,
             **head_drift(records, args.tau, clipped=setups[label][1] > 0, after=first_clip),
@@ -139,8 +151,11 @@ def main() -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out / "qk_clip.png", dpi=110)
-    scales = {label: weight_scales(folder / "final") for label, (folder, _) in setups.items()}
-    dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary, "weight_rms": scales})
+    # a stopped run (--summarise) has no final weights
+    scales = {label: weight_scales(folder / "final") for label, (folder, _) in setups.items()
+              if (folder / "final").is_dir()}
+    dump(args.out / "qk_clip.json", {"tau": args.tau, "lr": args.lr, "runs": summary,
+                                     "val_at_common_step": val_at_common_step(runs), "weight_rms": scales})
     for label, values in summary.items():
         print(label, values)
     for label, layers in scales.items():
@@ -149,10 +164,11 @@ def main() -> None:
             print(f"  layer {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
 
 
-def check_plain_run(folder: Path, recipe: dict) -> Path:
-    """`--plain FOLDER`: a finished run of this script whose recipe.json is `recipe` (with tau 0),
-    so that its curves compare with the MuonClip run; anything else stops with what differs."""
-    if not (folder / "summary.json").is_file() or not (folder / "recipe.json").is_file():
+def check_plain_run(folder: Path, recipe: dict, finished: bool = True) -> Path:
+    """`--plain FOLDER`: a finished run of this script (with `finished=False`, as under
+    --summarise, one stopped part-way too) whose recipe.json is `recipe` (with tau 0), so that
+    its curves compare with the MuonClip run; anything else stops with what differs."""
+    if (finished and not (folder / "summary.json").is_file()) or not (folder / "recipe.json").is_file():
         raise SystemExit(f"--plain {folder}: no finished run there (summary.json or recipe.json is missing); "
                          "let that run finish, or drop --plain to train plain Muon here")
     saved = json.loads((folder / "recipe.json").read_text())
@@ -165,6 +181,39 @@ def check_plain_run(folder: Path, recipe: dict) -> Path:
         raise SystemExit(f"--plain {folder}: its metrics hold no after-step probe (not a run of this "
                          "script); drop --plain to train plain Muon here")
     return folder
+
+
+def recorded_run(folder: Path) -> list[dict]:
+    """--summarise: a run's metrics as they stand, finished or stopped part-way."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"--summarise: no run in {folder} ({path.name} is missing); point --out "
+                         "(or --plain) at the folder this script trained into, or drop --summarise "
+                         "to train it")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise SystemExit(f"--summarise: {path} line {number} is not JSON ({error}); "
+                                 "the file is damaged, restore it or train the run again") from None
+            print(f"{path}: the last line was cut off (the run stopped while writing it); left out")
+    if not records:
+        raise SystemExit(f"--summarise: {path} holds no step yet; let the run go on, or drop --summarise")
+    return records
+
+
+def val_at_common_step(runs: dict[str, list[dict]]) -> dict | None:
+    """The last step at which every run has a validation loss, and each run's loss there."""
+    evaluated = [{r["step"]: r["val_loss"] for r in records if r.get("val_loss") is not None}
+                 for records in runs.values()]
+    common = set.intersection(*(set(losses) for losses in evaluated)) if evaluated else set()
+    if not common:
+        return None
+    step = max(common)
+    return {"step": step, **{label: losses[step] for label, losses in zip(runs, evaluated)}}
 
 
 @torch.no_grad()

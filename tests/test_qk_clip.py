@@ -370,3 +370,44 @@ def test_experiment_runaway_lr2_sums_from_tau_to_five_tau():
     assert runaway_lr2(records, tau=10.0) == pytest.approx(0.2 ** 2 + 0.3 ** 2 + 0.4 ** 2 + 0.5 ** 2)
     assert runaway_lr2(records[:4], tau=10.0) is None  # never past 5 tau
     assert runaway_lr2(records[:1], tau=10.0) is None  # never past tau
+
+
+def test_experiment_summarise_reads_stopped_runs(tmp_path):
+    """experiments/qk_clip.py --summarise: a stopped run's metrics as they stand (a last line cut
+    off mid-write is left out; damage elsewhere or no run stops with what to do), and validation
+    compared at the last step both runs evaluated."""
+    import json
+
+    experiment = qk_clip_experiment()
+    with pytest.raises(SystemExit, match="metrics.jsonl is missing"):
+        experiment.recorded_run(tmp_path)
+    rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.9, "val_loss": 4.95}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    assert experiment.recorded_run(tmp_path) == rows
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1\n' + json.dumps(rows[1]) + "\n")
+    with pytest.raises(SystemExit, match="line 1 is not JSON"):
+        experiment.recorded_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("\n")
+    with pytest.raises(SystemExit, match="holds no step yet"):
+        experiment.recorded_run(tmp_path)
+    plain = [{"step": s, "val_loss": 5.0 - s / 100} for s in (50, 100, 150)]
+    clipped = [{"step": s, "val_loss": 4.0 - s / 100} for s in (50, 100)] + [{"step": 120}]
+    assert experiment.val_at_common_step({"plain": plain, "clip": clipped}) == {
+        "step": 100, "plain": 4.0, "clip": 3.0}
+    assert experiment.val_at_common_step({"plain": plain, "clip": [{"step": 1}]}) is None
+
+
+def test_experiment_summarise_accepts_a_stopped_plain_run(tmp_path):
+    import json
+    from pathlib import Path
+
+    from openk2.recipe import load_recipe
+
+    check_plain_run = qk_clip_experiment().check_plain_run
+    speedrun = Path(__file__).resolve().parents[1] / "recipes" / "speedrun.toml"
+    recipe = load_recipe(speedrun, ["optim.lr=0.01", "optim.qk_clip_tau=0"])
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "max_logit_after_step": 1.0}) + "\n")
+    with pytest.raises(SystemExit, match="no finished run"):
+        check_plain_run(tmp_path, recipe)  # no summary.json: stopped part-way
+    assert check_plain_run(tmp_path, recipe, finished=False) == tmp_path
