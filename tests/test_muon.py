@@ -177,3 +177,50 @@ def test_tall_batch_equals_the_transposed_wide_one(shape):
     result = zeropower_via_newtonschulz(tall, scale=0.3)
     assert result.shape == tall.shape and result.is_contiguous()
     torch.testing.assert_close(result, expected.mT, rtol=0, atol=1e-5)
+
+
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module. benchmarks/ and experiments/ each hold a `common.py`, so
+    the other folder's `common` (if a test imported it) is set aside while this one loads."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    saved = sys.modules.pop("common", None)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("common", None)
+        if saved is not None:
+            sys.modules["common"] = saved
+
+
+def test_benchmark_float32_peer_is_torch_muon_with_openk2s_newton_schulz():
+    """benchmarks/optimizer_step.py's second peer swaps torch.optim.Muon's Newton–Schulz for
+    float32_newton_schulz; its ratio against openk2's float32 step compares the same math only if
+    the swapped-in function is torch's algorithm and openk2's float32 result."""
+    bench = _benchmark("optimizer_step")
+    g = torch.Generator().manual_seed(0)
+    args = (NS_COEFFICIENTS, 5, torch_muon.EPS)
+    for shape in [(64, 32), (32, 96), (48, 48)]:
+        grad = torch.randn(shape, generator=g)
+        peer = bench.float32_newton_schulz(grad, *args)
+        assert peer.dtype == torch.float32 and peer.shape == grad.shape
+        ours = zeropower_via_newtonschulz(grad[None].clone())[0]  # it overwrites its input
+        assert (peer - ours).abs().max() < 1e-5
+        with torch_muon_in_fp32():  # torch's own code, in float32
+            assert (peer - torch_muon._zeropower_via_newtonschulz(grad, *args)).abs().max() < 1e-5
+    ours, ref = _pair([(64, 32), (32, 64)])
+    opt = Muon(ours, lr=LR, weight_decay=WD, ns_dtype="float32")
+    reference = torch.optim.Muon(ref, lr=LR, weight_decay=WD, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        with bench.patched(torch_muon, "_zeropower_via_newtonschulz", bench.float32_newton_schulz):
+            reference.step()
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max() < 1e-5
