@@ -33,7 +33,8 @@ only the MuonClip run); it must have been trained with the recipe this one would
 
 `--summarise` trains nothing: it reads the two runs' metrics.jsonl as they stand, finished or
 stopped part-way, and writes the plot and qk_clip.json from them (each run's `last_step`; the
-weight RMS only for finished runs). The validation loss of both runs is compared at the last
+weight RMS only for finished runs). Pass the options the runs were trained with: each run's
+recipe.json must match them. The validation loss of both runs is compared at the last
 step both evaluated (`val_at_common_step`), so that runs stopped at different steps compare.
 
 The defaults are the recipe of docs/LOG.md's QK-Clip result: the speedrun's tiny model at
@@ -60,7 +61,6 @@ from common import dump, run  # noqa: E402
 from openk2 import load_model  # noqa: E402
 from openk2.eval.report import smooth  # noqa: E402
 from openk2.recipe import load_recipe, recipe_changes  # noqa: E402
-from openk2.train.metrics import read_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -83,17 +83,20 @@ def main() -> None:
     base = [f"optim.lr={args.lr}", f"train.steps={args.steps}", f"train.batch_size={args.batch_size}",
             f"train.micro_batch_size={args.batch_size}", "train.eval_every=50",
             "train.checkpoint_every=0", "optim.weight_decay=0.0", *args.extra]
-    plain = args.out / "muon"
-    if args.plain is not None:
-        plain = check_plain_run(args.plain, load_recipe(args.recipe, base + ["optim.qk_clip_tau=0"]),
-                                finished=not args.summarise)
+
+    def overrides(tau: float) -> list[str]:
+        return base + [f"optim.qk_clip_tau={tau}"]
+
     # label -> (run folder, tau); the second is the clipped run
-    setups = {"Muon (no clip)": (plain, 0.0),
+    setups = {"Muon (no clip)": (args.plain or args.out / "muon", 0.0),
               f"MuonClip (tau={args.tau:g})": (args.out / "muonclip", args.tau)}
     if args.summarise:
-        runs = {label: recorded_run(folder) for label, (folder, _) in setups.items()}
+        runs = {label: check_run(folder, load_recipe(args.recipe, overrides(tau)), "--summarise")
+                for label, (folder, tau) in setups.items()}
     else:
-        runs = {label: run(folder, args.recipe, base + [f"optim.qk_clip_tau={tau}"],
+        if args.plain is not None:
+            check_run(args.plain, load_recipe(args.recipe, overrides(0.0)), "--plain")
+        runs = {label: run(folder, args.recipe, overrides(tau),
                            on_step=PartsProbe(args.parts_every) if tau and args.parts_every else StepProbe())
                 for label, (folder, tau) in setups.items()}
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(18, 4.5))
@@ -164,32 +167,39 @@ def main() -> None:
             print(f"  layer {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
 
 
-def check_plain_run(folder: Path, recipe: dict, finished: bool = True) -> Path:
-    """`--plain FOLDER`: a finished run of this script (with `finished=False`, as under
-    --summarise, one stopped part-way too) whose recipe.json is `recipe` (with tau 0), so that
-    its curves compare with the MuonClip run; anything else stops with what differs."""
-    if (finished and not (folder / "summary.json").is_file()) or not (folder / "recipe.json").is_file():
-        raise SystemExit(f"--plain {folder}: no finished run there (summary.json or recipe.json is missing); "
-                         "let that run finish, or drop --plain to train plain Muon here")
+def check_run(folder: Path, recipe: dict, flag: str) -> list[dict]:
+    """A run of this script in `folder`, trained with `recipe`, and its metrics: `--plain` reuses
+    a finished plain-Muon run (its curves compare with the MuonClip run's); `--summarise` reads
+    a run finished or stopped part-way (so the summary's tau and lr are the run's own). Anything
+    else stops with what differs and what to do."""
+    plain = flag == "--plain"
+    fix = ("drop --plain to train plain Muon here" if plain
+           else "point --out (or --plain) at the folders this script trained into")
+    if not (folder / "recipe.json").is_file():
+        raise SystemExit(f"{flag} {folder}: no run of this script there (recipe.json is missing); {fix}")
+    if plain and not (folder / "summary.json").is_file():
+        raise SystemExit(f"--plain {folder}: that run has not finished (summary.json is missing); let it "
+                         f"finish, or {fix}")
     saved = json.loads((folder / "recipe.json").read_text())
     # compared in the types recipe.json holds (lists, not tuples)
     changed = recipe_changes(saved, json.loads(json.dumps(recipe)))
     if changed:
-        raise SystemExit(f"--plain {folder}: trained with {', '.join(changed)}; pass the options it ran "
-                         "with (--lr, --steps, --batch-size, --set) or drop --plain")
-    if not any("max_logit_after_step" in record for record in read_metrics(folder / "metrics.jsonl")):
-        raise SystemExit(f"--plain {folder}: its metrics hold no after-step probe (not a run of this "
-                         "script); drop --plain to train plain Muon here")
-    return folder
+        options = "--tau, --lr, --steps, --batch-size, --set"
+        raise SystemExit(f"{flag} {folder}: trained with {', '.join(changed)}; pass the options it ran with "
+                         f"({options})" + (" or drop --plain" if plain else ""))
+    records = recorded_run(folder, flag)
+    if not any("max_logit_after_step" in record for record in records):
+        raise SystemExit(f"{flag} {folder}: its metrics hold no after-step probe (not a run of this "
+                         f"script); {fix}")
+    return records
 
 
-def recorded_run(folder: Path) -> list[dict]:
-    """--summarise: a run's metrics as they stand, finished or stopped part-way."""
+def recorded_run(folder: Path, flag: str) -> list[dict]:
+    """A run's metrics as they stand, finished or stopped part-way (a last line cut off by the
+    stop is left out)."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
-        raise SystemExit(f"--summarise: no run in {folder} ({path.name} is missing); point --out "
-                         "(or --plain) at the folder this script trained into, or drop --summarise "
-                         "to train it")
+        raise SystemExit(f"{flag} {folder}: {path.name} is missing; the run has logged no step yet")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
@@ -197,11 +207,11 @@ def recorded_run(folder: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             if number < len(lines):
-                raise SystemExit(f"--summarise: {path} line {number} is not JSON ({error}); "
-                                 "the file is damaged, restore it or train the run again") from None
+                raise SystemExit(f"{flag} {path}: line {number} is not JSON ({error}); the file is "
+                                 "damaged, restore it or train the run again") from None
             print(f"{path}: the last line was cut off (the run stopped while writing it); left out")
     if not records:
-        raise SystemExit(f"--summarise: {path} holds no step yet; let the run go on, or drop --summarise")
+        raise SystemExit(f"{flag} {path}: no step logged yet; let the run go on")
     return records
 
 

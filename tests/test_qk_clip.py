@@ -324,29 +324,36 @@ def test_experiment_drift_parts_and_after_step_quantiles():
     assert (within["steps_past_1.03_tau"], within["steps_at_peak_lr"]) == (2, 1)
 
 
-def test_experiment_plain_run_is_reused_only_when_it_matches(tmp_path):
-    """experiments/qk_clip.py --plain: a finished run of the same recipe, or a clear stop."""
+def test_experiment_runs_are_reused_only_when_they_match(tmp_path):
+    """experiments/qk_clip.py --plain (a finished run of the same recipe) and --summarise (a run of
+    the same recipe, stopped part-way too): anything else is a clear stop."""
     import json
     from pathlib import Path
 
     from openk2.recipe import load_recipe
 
-    check_plain_run = qk_clip_experiment().check_plain_run
+    check_run = qk_clip_experiment().check_run
     speedrun = Path(__file__).resolve().parents[1] / "recipes" / "speedrun.toml"
     recipe = load_recipe(speedrun, ["optim.lr=0.01", "optim.qk_clip_tau=0"])
-    with pytest.raises(SystemExit, match="no finished run"):
-        check_plain_run(tmp_path, recipe)
-    (tmp_path / "summary.json").write_text("{}")
+    for flag in ("--plain", "--summarise"):
+        with pytest.raises(SystemExit, match=f"{flag} .*no run of this script there"):
+            check_run(tmp_path, recipe, flag)
     (tmp_path / "recipe.json").write_text(json.dumps(load_recipe(speedrun, ["optim.lr=0.02"])))
-    with pytest.raises(SystemExit, match=r"optim\.lr=0\.02 \(now 0\.01\)"):
-        check_plain_run(tmp_path, recipe)
+    with pytest.raises(SystemExit, match="has not finished"):
+        check_run(tmp_path, recipe, "--plain")  # no summary.json: stopped part-way
+    (tmp_path / "summary.json").write_text("{}")
+    for flag in ("--plain", "--summarise"):
+        with pytest.raises(SystemExit, match=r"optim\.lr=0\.02 \(now 0\.01\)"):
+            check_run(tmp_path, recipe, flag)
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0, "max_logit": 9.0}) + "\n")
     with pytest.raises(SystemExit, match="no after-step probe"):
-        check_plain_run(tmp_path, recipe)
+        check_run(tmp_path, recipe, "--plain")
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 2, "loss": 4.9, "max_logit": 9.5, "max_logit_after_step": 9.6}) + "\n")
-    assert check_plain_run(tmp_path, recipe) == tmp_path
+    assert [r["step"] for r in check_run(tmp_path, recipe, "--plain")] == [1, 2]
+    (tmp_path / "summary.json").unlink()
+    assert [r["step"] for r in check_run(tmp_path, recipe, "--summarise")] == [1, 2]
 
 
 def test_experiment_tail_steps_name_the_head_and_its_update():
@@ -374,40 +381,24 @@ def test_experiment_runaway_lr2_sums_from_tau_to_five_tau():
 
 def test_experiment_summarise_reads_stopped_runs(tmp_path):
     """experiments/qk_clip.py --summarise: a stopped run's metrics as they stand (a last line cut
-    off mid-write is left out; damage elsewhere or no run stops with what to do), and validation
+    off mid-write is left out; damage elsewhere or no step stops with what to do), and validation
     compared at the last step both runs evaluated."""
     import json
 
     experiment = qk_clip_experiment()
     with pytest.raises(SystemExit, match="metrics.jsonl is missing"):
-        experiment.recorded_run(tmp_path)
+        experiment.recorded_run(tmp_path, "--summarise")
     rows = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.9, "val_loss": 4.95}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
-    assert experiment.recorded_run(tmp_path) == rows
+    assert experiment.recorded_run(tmp_path, "--summarise") == rows
     (tmp_path / "metrics.jsonl").write_text('{"step": 1\n' + json.dumps(rows[1]) + "\n")
     with pytest.raises(SystemExit, match="line 1 is not JSON"):
-        experiment.recorded_run(tmp_path)
+        experiment.recorded_run(tmp_path, "--summarise")
     (tmp_path / "metrics.jsonl").write_text("\n")
-    with pytest.raises(SystemExit, match="holds no step yet"):
-        experiment.recorded_run(tmp_path)
+    with pytest.raises(SystemExit, match="no step logged yet"):
+        experiment.recorded_run(tmp_path, "--summarise")
     plain = [{"step": s, "val_loss": 5.0 - s / 100} for s in (50, 100, 150)]
     clipped = [{"step": s, "val_loss": 4.0 - s / 100} for s in (50, 100)] + [{"step": 120}]
     assert experiment.val_at_common_step({"plain": plain, "clip": clipped}) == {
         "step": 100, "plain": 4.0, "clip": 3.0}
     assert experiment.val_at_common_step({"plain": plain, "clip": [{"step": 1}]}) is None
-
-
-def test_experiment_summarise_accepts_a_stopped_plain_run(tmp_path):
-    import json
-    from pathlib import Path
-
-    from openk2.recipe import load_recipe
-
-    check_plain_run = qk_clip_experiment().check_plain_run
-    speedrun = Path(__file__).resolve().parents[1] / "recipes" / "speedrun.toml"
-    recipe = load_recipe(speedrun, ["optim.lr=0.01", "optim.qk_clip_tau=0"])
-    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "max_logit_after_step": 1.0}) + "\n")
-    with pytest.raises(SystemExit, match="no finished run"):
-        check_plain_run(tmp_path, recipe)  # no summary.json: stopped part-way
-    assert check_plain_run(tmp_path, recipe, finished=False) == tmp_path
