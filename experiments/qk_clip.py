@@ -61,6 +61,7 @@ from common import dump, run  # noqa: E402
 from openk2 import load_model  # noqa: E402
 from openk2.eval.report import smooth  # noqa: E402
 from openk2.recipe import load_recipe, recipe_changes  # noqa: E402
+from openk2.train.metrics import read_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -200,16 +201,10 @@ def recorded_run(folder: Path, flag: str) -> list[dict]:
     path = folder / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{flag} {folder}: {path.name} is missing; the run has logged no step yet")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number < len(lines):
-                raise SystemExit(f"{flag} {path}: line {number} is not JSON ({error}); the file is "
-                                 "damaged, restore it or train the run again") from None
-            print(f"{path}: the last line was cut off (the run stopped while writing it); left out")
+    try:
+        records = read_metrics(path)
+    except ValueError as error:
+        raise SystemExit(f"{flag} {error}") from None
     if not records:
         raise SystemExit(f"{flag} {path}: no step logged yet; let the run go on")
     return records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,20 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A last line cut off by a run that stopped while writing it
+    is left out (with a warning); a line that is not JSON anywhere else raises ValueError."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({error}); the file is damaged, "
+                                 "restore it or train the run again") from None
+            warnings.warn(f"{path}: the last line was cut off (the run stopped while writing it); left out",
+                          stacklevel=2)
+    return records
 
 
 def progress_bar(disable: bool = False) -> Progress:
